@@ -1,0 +1,130 @@
+"""Parse raw dataset bytes into the canonical table: text, label, origin_split, source_id."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import unicodedata
+
+import pandas as pd
+
+from intentops.data import CANONICAL_COLUMNS
+from intentops.errors import UserError
+
+_WS = re.compile(r"\s+")
+
+
+def normalise_text(text: str) -> str:
+    """Canonical form of an utterance: NFC, inner whitespace (newlines included) collapsed, trimmed."""
+    return _WS.sub(" ", unicodedata.normalize("NFC", text)).strip()
+
+
+def match_key(text: str) -> str:
+    """The key two utterances are 'the same text' under: normalised, case-folded."""
+    return normalise_text(text).casefold()
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+    """Decode strictly; on failure name the line and byte offset."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UserError(
+            f"bytes that are not valid UTF-8 at line {line} (byte offset {err.start}: {data[err.start:err.start + 4]!r})",
+            where=f"{where}:{line}",
+            fix="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.csv > out.csv`)",
+        ) from err
+
+
+def read_csv_rows(
+    data: bytes, where: str, split: str, text_column: str, label_column: str, delimiter: str = ","
+) -> pd.DataFrame:
+    """Read a labelled CSV with strict RFC-4180 quoting.
+
+    Args:
+        data: the raw file content.
+        where: a name for error messages (the file's location).
+        split: the origin split recorded for every row.
+    """
+    text = decode_utf8(data, where)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise UserError("the CSV has no header row", where=where, fix="add a header naming the columns") from None
+    except csv.Error as err:
+        raise UserError(f"broken CSV header: {err}", where=f"{where}:1", fix="fix the quoting of the header") from err
+    header = [h.strip() for h in header]
+    missing = [c for c in (text_column, label_column) if c not in header]
+    if missing:
+        raise UserError(
+            f"missing column(s) {missing}; the header has {header}",
+            where=f"{where}:1",
+            fix="rename the columns, or set data.text_column / data.label_column (and data.delimiter) to match",
+        )
+    ti, li = header.index(text_column), header.index(label_column)
+    records = []
+    file = where.rsplit("/", 1)[-1]
+    try:
+        for row in reader:
+            if not row:  # a blank line between records
+                continue
+            if len(row) != len(header):
+                raise UserError(
+                    f"row has {len(row)} fields, the header has {len(header)} (broken quoting or a stray delimiter?)",
+                    where=f"{where}:{reader.line_num}",
+                    fix='quote fields that contain the delimiter, and double any quote inside a field ("")',
+                )
+            records.append((normalise_text(row[ti]), row[li].strip(), split, f"{file}:{reader.line_num}"))
+    except csv.Error as err:
+        raise UserError(
+            f"broken CSV quoting: {err}",
+            where=f"{where}:{reader.line_num}",
+            fix='close every quoted field and double any quote inside a field ("")',
+        ) from err
+    if not records:
+        raise UserError("the CSV has a header but no rows", where=where, fix="check you exported the data rows")
+    return pd.DataFrame.from_records(records, columns=CANONICAL_COLUMNS)
+
+
+def read_clinc_json(data: bytes, where: str, oos_label: str = "oos") -> pd.DataFrame:
+    """Read an oos-eval JSON file: {split: [[text, intent], ...]}; `oos_*` splits keep their name."""
+    try:
+        obj = json.loads(decode_utf8(data, where))
+    except json.JSONDecodeError as err:
+        raise UserError(f"invalid JSON: {err.msg}", where=f"{where}:{err.lineno}:{err.colno}", fix="re-download the file") from err
+    if not isinstance(obj, dict):
+        raise UserError("expected a JSON object of splits", where=where, fix="use an oos-eval data_*.json file")
+    file = where.rsplit("/", 1)[-1]
+    records = []
+    for split, rows in obj.items():
+        for i, pair in enumerate(rows):
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                raise UserError(
+                    f"expected [text, intent], got {pair!r}", where=f"{where}: {split}[{i}]", fix="re-download the file"
+                )
+            records.append((normalise_text(pair[0]), pair[1].strip(), split, f"{file}:{split}:{i}"))
+    return pd.DataFrame.from_records(records, columns=CANONICAL_COLUMNS)
+
+
+def read_taxonomy(data: bytes, where: str) -> list[str]:
+    """A taxonomy file: a JSON list of labels, or plain text with one label per line."""
+    text = decode_utf8(data, where)
+    try:
+        labels = json.loads(text)
+    except json.JSONDecodeError:
+        labels = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not (isinstance(labels, list) and labels and all(isinstance(x, str) and x.strip() for x in labels)):
+        raise UserError(
+            "the taxonomy must be a non-empty list of label names",
+            where=where,
+            fix='write a JSON list (["card_arrival", ...]) or one label per line',
+        )
+    labels = [x.strip() for x in labels]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise UserError(f"the taxonomy lists labels twice: {dupes}", where=where, fix="remove the repeats")
+    return labels

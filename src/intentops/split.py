@@ -1,0 +1,98 @@
+"""Stage `split`: keep the official test split, carve a stratified seeded validation split, remove cross-split repeats."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from intentops.config import load_params
+from intentops.data.readers import match_key
+from intentops.errors import UserError, cli_entry
+from intentops.io import read_json, write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+# Origin splits as published, mapped to the split they feed; oos_train is optional (see split.oos_as_class).
+ORIGIN_TO_SPLIT = {"train": "train", "val": "val", "test": "test", "oos_val": "val", "oos_test": "test"}
+
+
+def stratified_holdout(df: pd.DataFrame, fraction: float, seed: int) -> pd.Series:
+    """A boolean mask choosing about `fraction` of each label's rows (none from labels with < 2 rows)."""
+    rng = np.random.default_rng(seed)
+    mask = pd.Series(False, index=df.index)
+    for _, idx in sorted(df.groupby("label").groups.items()):
+        idx = np.array(sorted(idx))
+        k = int(round(len(idx) * fraction))
+        k = min(max(k, 1), len(idx) - 1) if len(idx) >= 2 else 0
+        mask.loc[rng.permutation(idx)[:k]] = True
+    return mask
+
+
+def run_split(
+    table: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int, oos_as_class: bool = False
+) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Assign every canonical row to train, val or test.
+
+    Rows whose normalised text (case-folded) also occurs in a later split are dropped from the earlier one,
+    with test > val > train as the order of precedence, so no text appears in more than one split.
+
+    Returns:
+        ({split: frame}, stats for reports)
+    """
+    if not 0 < val_fraction < 1 or not 0 < test_fraction < 1:
+        raise UserError(
+            f"split fractions must be in (0, 1); got val_fraction={val_fraction}, test_fraction={test_fraction}",
+            where="conf/config.yaml: split",
+            fix="use e.g. split.val_fraction=0.1",
+        )
+    df = table.copy()
+    mapping = dict(ORIGIN_TO_SPLIT, oos_train="train" if oos_as_class else None)
+    df["split"] = df["origin_split"].map(lambda s: mapping.get(s, "train"))
+    dropped_oos_train = int(df["split"].isna().sum())
+    df = df[df["split"].notna()].copy()
+    stats: dict = {"seed": seed, "dropped_oos_train": dropped_oos_train}
+    if not (df["split"] == "test").any():
+        carve = stratified_holdout(df[df["split"] == "train"], test_fraction, seed)
+        df.loc[carve[carve].index, "split"] = "test"
+        stats["test_carved_fraction"] = test_fraction
+    if not (df["split"] == "val").any():
+        carve = stratified_holdout(df[df["split"] == "train"], val_fraction, seed + 1)
+        df.loc[carve[carve].index, "split"] = "val"
+        stats["val_carved_fraction"] = val_fraction
+
+    df["_key"] = df["text"].map(match_key)
+    rank = df["split"].map({"train": 0, "val": 1, "test": 2})
+    # Keep each text only in its highest-precedence split, and once within it.
+    keep_rank = rank.groupby(df["_key"]).transform("max")
+    cross = rank < keep_rank
+    within = ~cross & df.duplicated(["split", "_key"], keep="first")
+    stats["dropped_cross_split_repeats"] = int(cross.sum())
+    stats["dropped_within_split_repeats"] = int(within.sum())
+    df = df[~cross & ~within].drop(columns=["_key"])
+    frames = {s: df[df["split"] == s].drop(columns=["split"]).reset_index(drop=True) for s in SPLITS}
+    stats["rows"] = {s: len(f) for s, f in frames.items()}
+    stats["labels"] = {s: int(f["label"].nunique()) for s, f in frames.items()}
+    return frames, stats
+
+
+@cli_entry
+def main() -> None:
+    cfg = load_params()
+    paths = cfg.paths
+    table = pd.read_parquet(paths.canonical)
+    read_json(paths.validation_result)  # the gate: split runs only on data that passed validation
+    frames, stats = run_split(
+        table, cfg.split.val_fraction, cfg.split.test_fraction, cfg.split.seed, cfg.split.get("oos_as_class", False)
+    )
+    for name, frame in frames.items():
+        write_parquet(paths[name], frame)
+    write_json(paths.split_stats, stats)
+    log.info("split: %s; dropped %d cross-split and %d within-split repeats", stats["rows"],
+             stats["dropped_cross_split_repeats"], stats["dropped_within_split_repeats"])
+
+
+if __name__ == "__main__":
+    main()
