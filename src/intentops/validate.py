@@ -1,0 +1,236 @@
+"""Stage `validate`: run the Great Expectations suites on the canonical table and publish Data Docs.
+
+Two suites, versioned in code: `canonical_rows` (one row per utterance) and `class_counts` (one row per
+taxonomy label). Checks GX has no single expectation for (conflicting labels, train/test leakage, class
+counts) are expressed as derived columns that built-in expectations then constrain, so every check and
+its failing rows appear in Data Docs.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from intentops.config import load_params
+from intentops.data.readers import match_key
+from intentops.errors import DataValidationError, cli_entry
+from intentops.io import atomic_path, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+# Bump when an expectation is added, removed or changed: it is stored in the suite's meta and the result.
+SUITE_VERSION = "1.0.0"
+REQUIRED_COLUMNS = ["text", "label", "origin_split", "source_id"]
+TEST_SPLITS = {"test", "oos_test"}
+TRAIN_SPLITS = {"train"}
+
+
+def derive_row_checks(table: pd.DataFrame) -> pd.DataFrame:
+    """Add the derived columns the row suite constrains.
+
+    - text_key: normalised, case-folded text;
+    - labels_for_text_in_split: distinct labels the same text_key has within its split (conflict if > 1);
+    - labels_for_text_overall: the same across all splits (cross-split conflicts, a warning);
+    - leaks_into_test: the exact text occurs in a test split and in a non-test split.
+    """
+    df = table.copy()
+    df["text"] = df["text"].astype("string")
+    df["text_key"] = df["text"].fillna("").map(match_key)
+    df["labels_for_text_in_split"] = df.groupby(["origin_split", "text_key"])["label"].transform("nunique")
+    df["labels_for_text_overall"] = df.groupby("text_key")["label"].transform("nunique")
+    is_test = df["origin_split"].isin(TEST_SPLITS)
+    test_texts, other_texts = set(df.loc[is_test, "text"].dropna()), set(df.loc[~is_test, "text"].dropna())
+    df["leaks_into_test"] = df["text"].isin(test_texts & other_texts)
+    return df
+
+
+def class_counts(table: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+    """One row per taxonomy label: its number of training rows and its ratio to the smallest class."""
+    counts = table[table["origin_split"].isin(TRAIN_SPLITS)]["label"].value_counts()
+    frame = pd.DataFrame({"label": labels})
+    frame["n_train"] = frame["label"].map(counts).fillna(0).astype(int)
+    smallest = max(int(frame["n_train"].min()), 1)
+    frame["ratio_to_smallest"] = frame["n_train"] / smallest
+    return frame
+
+
+def build_suites(labels: list[str], oos_label: str | None, params) -> dict[str, list]:
+    """The expectations of each suite, keyed by the name of the frame (and suite) they validate."""
+    import great_expectations.expectations as gxe
+
+    allowed = list(labels) + ([oos_label] if oos_label else [])
+    W = "warning"
+    rows = [gxe.ExpectColumnToExist(column=c, description=f"required column `{c}` is present") for c in REQUIRED_COLUMNS]
+    rows += [
+        gxe.ExpectColumnValuesToNotBeNull(column="text", description="text is non-null"),
+        gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=r"^\s*$", description="text is not blank"),
+        gxe.ExpectColumnValueLengthsToBeBetween(
+            column="text", min_value=params.text_min_chars, max_value=params.text_max_chars,
+            description=f"text length is within [{params.text_min_chars}, {params.text_max_chars}] characters",
+        ),
+        gxe.ExpectColumnValuesToNotBeNull(column="label", description="label is non-null"),
+        gxe.ExpectColumnValuesToBeInSet(column="label", value_set=allowed, description="labels are within the taxonomy"),
+        gxe.ExpectCompoundColumnsToBeUnique(
+            column_list=["origin_split", "text"], severity=W,
+            description="no exact duplicate texts within a split (after whitespace normalisation); `split` keeps one",
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="labels_for_text_in_split", max_value=1,
+            description="no conflicting labels: the same normalised text never has two labels within a split",
+        ),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="leaks_into_test", value_set=[False], severity="critical" if params.fail_on_leakage else W,
+            description="no train/test leakage (exact text)"
+            + ("" if params.fail_on_leakage else "; `split` drops the non-test copies"),
+        ),
+        gxe.ExpectCompoundColumnsToBeUnique(
+            column_list=["origin_split", "text_key"], severity=W,
+            description="no near-duplicates (case/whitespace) within a split; `split` keeps the first",
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="labels_for_text_overall", max_value=1, severity=W,
+            description="no conflicting labels across splits; `split` keeps only the test copy",
+        ),
+    ]
+    classes = [gxe.ExpectColumnValuesToBeBetween(
+        column="n_train", min_value=params.min_examples_per_class,
+        description=f"each taxonomy class has at least {params.min_examples_per_class} training examples",
+    ), gxe.ExpectColumnMaxToBeBetween(
+        column="ratio_to_smallest", max_value=params.imbalance_ratio_warn, severity=W,
+        description=f"class-imbalance ratio (largest/smallest class) is reported; warns above {params.imbalance_ratio_warn}",
+    )]
+    return {"canonical_rows": rows, "class_counts": classes}
+
+
+def run_validation(frames: dict[str, pd.DataFrame], suites: dict, docs_dir: Path) -> dict:
+    """Validate each frame with its suite through a GX Checkpoint; build Data Docs into `docs_dir`.
+
+    Returns:
+        a summary: {"success", "critical_failures", "warnings", "results": [...], "docs": index path}
+    """
+    import great_expectations as gx
+    from great_expectations.checkpoint import UpdateDataDocsAction
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)  # one bar per metric batch is noise in `dvc repro`
+    ctx.add_data_docs_site(
+        site_name="intentops",
+        site_config={
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(docs_dir).resolve())},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        },
+    )
+    source = ctx.data_sources.add_pandas("intentops")
+    results = []
+    for name, frame in frames.items():
+        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
+        suite = ctx.suites.add(gx.ExpectationSuite(name=name, meta={"version": SUITE_VERSION}))
+        for expectation in suites[name]:
+            suite.add_expectation(expectation)
+        vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"{name}_vd", data=batch, suite=suite))
+        checkpoint = ctx.checkpoints.add(gx.Checkpoint(
+            name=f"{name}_checkpoint",
+            validation_definitions=[vd],
+            actions=[UpdateDataDocsAction(name="docs", site_names=["intentops"])],
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["source_id"]}
+            if "source_id" in frame.columns else {"result_format": "COMPLETE"},
+        ))
+        run = checkpoint.run(batch_parameters={"dataframe": frame})
+        for vr in run.run_results.values():
+            for r in vr.results:
+                results.append(_summarise(name, r))
+    critical = [r for r in results if not r["success"] and r["severity"] == "critical"]
+    warnings = [r for r in results if not r["success"] and r["severity"] != "critical"]
+    return {
+        "success": not critical,
+        "suite_version": SUITE_VERSION,
+        "expectations": len(results),
+        "critical_failures": critical,
+        "warnings": warnings,
+        "results": results,
+        "docs": str(docs_dir / "index.html"),
+    }
+
+
+def _summarise(suite: str, r) -> dict:
+    cfg = r.expectation_config
+    res = r.result or {}
+    kwargs = {k: v for k, v in cfg.kwargs.items() if k in ("column", "column_list")}
+    examples = res.get("unexpected_index_list") or res.get("partial_unexpected_list") or []
+    return {
+        "suite": suite,
+        "expectation": cfg.type,
+        "description": cfg.description,
+        **kwargs,
+        "severity": str(getattr(cfg, "severity", "critical") or "critical").split(".")[-1].lower(),
+        "success": bool(r.success),
+        "unexpected_count": res.get("unexpected_count"),
+        "observed_value": res.get("observed_value"),
+        "examples": [_plain(x) for x in examples[:5]],
+    }
+
+
+def _plain(x):
+    return {k: _plain(v) for k, v in x.items()} if isinstance(x, dict) else (x if isinstance(x, (str, int, float, bool, type(None))) else str(x))
+
+
+def failure_message(summary: dict, table: pd.DataFrame) -> str:
+    """A readable summary of the critical failures: expectation, counts and example rows."""
+    lines = [f"{len(summary['critical_failures'])} critical data expectation(s) failed:"]
+    by_id = table.set_index("source_id") if "source_id" in table.columns else None
+    for f in summary["critical_failures"]:
+        target = f.get("column") or f.get("column_list") or ""
+        lines.append(f"  - {f['description']} [{f['expectation']} on {target}]: {f['unexpected_count'] or 0} unexpected row(s)"
+                     + (f", observed {f['observed_value']}" if f.get("observed_value") is not None else ""))
+        for ex in f["examples"]:
+            if isinstance(ex, dict) and "source_id" in ex and by_id is not None and ex["source_id"] in by_id.index:
+                row = by_id.loc[ex["source_id"]]
+                row = row.iloc[0] if isinstance(row, pd.DataFrame) else row
+                lines.append(f"      {ex['source_id']}: text={str(row['text'])[:80]!r} label={row['label']!r}")
+            else:
+                lines.append(f"      {ex!r}")
+    return "\n".join(lines)
+
+
+@cli_entry
+def main() -> None:
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    cfg = load_params()
+    paths = cfg.paths
+    table = pd.read_parquet(paths.canonical)
+    taxonomy = read_json(paths.taxonomy)
+    frames = {"canonical_rows": derive_row_checks(table), "class_counts": class_counts(table, taxonomy["labels"])}
+    suites = build_suites(taxonomy["labels"], taxonomy.get("oos_label"), cfg.validate)
+    out_dir = Path(paths.validation_dir)
+    failed_dir = out_dir.with_name(out_dir.name + "-failed")
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        summary = run_validation(frames, suites, tmp / "data_docs")
+        summary["class_imbalance_ratio"] = float(frames["class_counts"]["ratio_to_smallest"].max())
+        summary["rows"] = len(table)
+        summary["docs"] = str(out_dir / "data_docs" / "index.html")
+        if not summary["success"]:
+            # Keep the last good reports in place; publish this run's evidence next to them.
+            shutil.rmtree(failed_dir, ignore_errors=True)
+            shutil.copytree(tmp, failed_dir)
+            write_json(failed_dir / "result.json", summary)
+            raise DataValidationError(
+                failure_message(summary, table),
+                where=f"{paths.canonical} (Data Docs: {failed_dir}/data_docs/index.html)",
+                fix="fix the rows listed above in the source data (or the taxonomy), then rerun `dvc repro`",
+            )
+        write_json(tmp / "result.json", summary)
+    shutil.rmtree(failed_dir, ignore_errors=True)
+    for w in summary["warnings"]:
+        log.warning("data warning: %s (%s unexpected; observed %s)", w["description"], w["unexpected_count"], w["observed_value"])
+    log.info("validation passed: %d expectations, %d warning(s); class-imbalance ratio %.2f; Data Docs at %s",
+             summary["expectations"], len(summary["warnings"]), summary["class_imbalance_ratio"], summary["docs"])
+
+
+if __name__ == "__main__":
+    main()

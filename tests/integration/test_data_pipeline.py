@@ -1,0 +1,202 @@
+"""The data stages in a real DVC repo in a temp dir: repro, no-op repro, failures that keep the last good
+outputs, every bad input the issue lists, and a push/pull round trip to a local remote."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from intentops.config import write_params
+from support import fixture_overrides, fixture_rows, make_project, run, to_csv, write_mirror
+
+STAGE = "split"  # the data part of the pipeline; modelling stages have their own tests
+
+
+def digest_tree(root: Path, rel: list[str]) -> dict[str, str]:
+    out = {}
+    for r in rel:
+        p = root / r
+        for f in sorted([p] if p.is_file() else p.rglob("*")):
+            if f.is_file():
+                out[str(f.relative_to(root))] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def lock_entries(repo: Path, stages: list[str]) -> dict:
+    import yaml
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    return {s: lock[s] for s in stages}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project repo that has run the data stages once on the fixture mirror."""
+    tmp = tmp_path_factory.mktemp("proj")
+    mirror = tmp / "mirror"
+    shas = write_mirror(mirror)
+    repo = make_project(tmp / "repo", fixture_overrides(shas))
+    env = {"INTENTOPS_DATA_MIRROR": str(mirror)}
+    proc = run(["dvc", "repro", STAGE], repo, env)
+    return repo, mirror, shas, env, proc
+
+
+def test_repro_produces_validated_versioned_splits(project):
+    repo, _, _, _, proc = project
+    assert "validation passed" in proc.stderr + proc.stdout
+    frames = {s: pd.read_parquet(repo / f"data/processed/{s}.parquet") for s in ("train", "val", "test")}
+    train, test = fixture_rows()
+    assert len(frames["test"]) == len(test)
+    assert len(frames["train"]) + len(frames["val"]) == len(train)
+    assert list(frames["train"].columns) == ["text", "label", "origin_split", "source_id"]
+    result = json.loads((repo / "reports/validation/result.json").read_text())
+    assert result["success"] and result["expectations"] >= 14
+    assert (repo / "reports/validation/data_docs/index.html").is_file()
+    lock = (repo / "dvc.lock").read_text()
+    for stage in ("ingest", "validate", "split"):
+        assert f"{stage}:" in lock
+
+
+def test_second_repro_is_a_noop_and_status_clean(project):
+    repo, _, _, env, _ = project
+    t0 = time.perf_counter()
+    proc = run(["dvc", "repro", STAGE], repo, env)
+    elapsed = time.perf_counter() - t0
+    assert "didn't change, skipping" in proc.stdout and "Running stage" not in proc.stdout
+    assert elapsed <= 5, f"no-op repro took {elapsed:.1f}s"
+    status = run(["dvc", "status", STAGE], repo, env)
+    assert "up to date" in status.stdout
+
+
+def test_changed_split_param_reruns_only_split(project, tmp_path):
+    repo, _, shas, env, _ = project
+    write_params(repo / "params.yaml", fixture_overrides(shas, ["split.seed=7"]))
+    try:
+        proc = run(["dvc", "repro", STAGE], repo, env)
+        assert "Running stage 'split'" in proc.stdout
+        assert "Running stage 'ingest'" not in proc.stdout and "Running stage 'validate'" not in proc.stdout
+    finally:
+        write_params(repo / "params.yaml", fixture_overrides(shas))
+        run(["dvc", "repro", STAGE], repo, env)
+
+
+def test_failed_repro_keeps_last_good_outputs_and_lock(project, tmp_path):
+    repo, _, _, env, _ = project
+    train, test = fixture_rows()
+    bad = [*train, (train[0][0].lower(), "exchange_rate" if train[0][1] != "exchange_rate" else "pin_blocked")]
+    bad_mirror = tmp_path / "bad"
+    shas = write_mirror(bad_mirror, train=to_csv(bad))
+    write_params(repo / "params.yaml", fixture_overrides(shas))
+    # `ingest` itself succeeds on this data (its lock entry and output may move on); the stage that fails
+    # and everything after it must keep the last good outputs and lock entries.
+    watched = ["data/processed", "reports/validation"]
+    before, lock_before = digest_tree(repo, watched), lock_entries(repo, ["validate", "split"])
+    try:
+        proc = run(["dvc", "repro", STAGE], repo, {"INTENTOPS_DATA_MIRROR": str(bad_mirror)}, check=False)
+        assert proc.returncode != 0
+        assert "no conflicting labels" in proc.stderr and "train.csv:" in proc.stderr
+        assert digest_tree(repo, watched) == before, "a failed repro must not replace the last good outputs"
+        assert lock_entries(repo, ["validate", "split"]) == lock_before
+        assert (repo / "reports/validation-failed/data_docs/index.html").is_file()
+    finally:
+        write_params(repo / "params.yaml", fixture_overrides(project[2]))
+    run(["dvc", "repro", STAGE], repo, env)
+    assert "up to date" in run(["dvc", "status", STAGE], repo, env).stdout
+
+
+def test_push_pull_round_trip_to_a_local_remote(project, tmp_path):
+    repo, _, _, env, _ = project
+    remote = tmp_path / "remote"
+    run(["dvc", "remote", "add", "-f", "-d", "local", str(remote)], repo)
+    try:
+        run(["dvc", "push", STAGE, "--with-deps"], repo, env)
+        train = repo / "data/processed/train.parquet"
+        before = train.read_bytes()
+        train.unlink()
+        run(["dvc", "cache", "dir", str(tmp_path / "empty-cache")], repo)  # nothing local: must come from the remote
+        run(["dvc", "pull", STAGE, "--with-deps", "--force"], repo, env)
+        assert train.read_bytes() == before
+        assert "up to date" in run(["dvc", "status", STAGE], repo, env).stdout
+    finally:
+        run(["dvc", "cache", "dir", "--unset"], repo, check=False)
+        run(["dvc", "remote", "remove", "local"], repo, check=False)
+
+
+# ---- bad input: every case gets a non-zero exit and a message naming what, where and what to do ----
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rows_csv(extra):
+    train, _ = fixture_rows()
+    return to_csv([*train, *extra])
+
+
+BAD_INPUTS = {
+    # case: (files to write into the mirror, extra overrides, expected stage, substrings of the message)
+    "missing file": ({"train.csv": None}, [], "ingest", ["data file not found", "banking77/train.csv", "fix:"]),
+    "sha256 mismatch": ({}, ["data.files.test.sha256=" + "0" * 64], "ingest", ["sha256 mismatch for 'test'", "fix:"]),
+    "empty file": ({"test.csv": b""}, [], "ingest", ["empty (0 bytes)", "test.csv"]),
+    "missing column": ({"train.csv": b"utterance,category\r\nhi there,card_arrival\r\n"}, [], "ingest",
+                       ["missing column(s) ['text']", "train.csv:1", "data.text_column"]),
+    "invalid utf-8": ({"train.csv": b"text,category\r\nmy card\xff\xfe is late,card_arrival\r\n"}, [], "ingest",
+                      ["not valid UTF-8 at line 2", "train.csv:2", "UTF-8"]),
+    "broken quoting": ({"train.csv": b'text,category\r\n"my card never came,card_arrival\r\nok,card_arrival\r\n'}, [],
+                       "ingest", ["broken CSV quoting", "train.csv"]),
+    "unreachable url": ({}, ["data.files.train.url=http://127.0.0.1:{port}/train.csv", "ingest.retries=1",
+                             "ingest.timeout_s=2"], "ingest",
+                        ["cannot download", "127.0.0.1", "INTENTOPS_DATA_MIRROR"]),
+    "blank texts": ({"train.csv": _rows_csv([("   ", "card_arrival")])}, [], "validate",
+                    ["text is not blank", "train.csv:"]),
+    "unknown label": ({"train.csv": _rows_csv([("refund please", "refund_requested")])}, [], "validate",
+                      ["labels are within the taxonomy", "refund_requested"]),
+    "conflicting labels": ({"train.csv": _rows_csv([("my pin is blocked", "card_arrival")])}, [], "validate",
+                           ["no conflicting labels", "train.csv:"]),
+    "taxonomy disagrees": ({"categories.json": json.dumps(["card_arrival", "exchange_rate"]).encode()}, [], "validate",
+                           ["labels are within the taxonomy", "lost_or_stolen_card"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_reported_clearly(project, tmp_path, monkeypatch, case):
+    repo = project[0]
+    files, extra, stage, expected = BAD_INPUTS[case]
+    mirror = tmp_path / "mirror"
+    given = {"train": files.get("train.csv"), "test": files.get("test.csv"), "categories": files.get("categories.json")}
+    shas = write_mirror(mirror, **{k: v for k, v in given.items() if v is not None})
+    for name in [n for n, content in files.items() if content is None]:
+        (mirror / "banking77" / name).unlink()
+    port = _closed_port()
+    overrides = fixture_overrides(shas, [e.format(port=port) for e in extra])
+    params = tmp_path / "params.yaml"
+    monkeypatch.chdir(repo)  # compose the project's conf/
+    write_params(params, overrides)
+    # "unreachable url" runs without a mirror, so the configured URL is used.
+    env = {"INTENTOPS_PARAMS": str(params), "INTENTOPS_DATA_MIRROR": "" if case == "unreachable url" else str(mirror)}
+    # Run the stages as dvc.yaml does, in a scratch folder so the module's repo stays intact.
+    scratch = tmp_path / "work"
+    scratch.mkdir()
+    procs = []
+    for s in ("ingest", "validate"):
+        procs.append(run(["python", "-m", f"intentops.{s}"], scratch, env, check=False))
+        if procs[-1].returncode != 0:
+            break
+    failed = procs[-1]
+    assert failed.returncode != 0, f"{case}: expected a failure"
+    assert len(procs) == (1 if stage == "ingest" else 2), f"{case} should fail in {stage}"
+    message = failed.stderr
+    assert "Traceback" not in message, message
+    for piece in expected:
+        assert piece in message, f"{case}: {piece!r} not in:\n{message}"
+    assert not (scratch / "data/processed").exists()
+    if stage == "ingest":
+        assert not (scratch / "data/interim").exists(), "a failed ingest must not half-write its outputs"
