@@ -12,7 +12,7 @@ export WANDB_MODE ?= $(if $(WANDB_API_KEY),online,offline)
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test test-all lint params lock clean
+.PHONY: help venv run exp gate-status test test-all lint params lock clean
 
 help: ## List every target
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -29,6 +29,20 @@ venv: $(STAMP) ## Create or refresh .venv from requirements.lock
 run: $(STAMP) ## Run the pipeline (dvc repro) on the default data; INTENTOPS_DATA_MIRROR=dir uses a local mirror
 	@test -d .dvc || $(BIN)/dvc init -q
 	$(BIN)/dvc repro
+
+exp: $(STAMP) ## dvc exp run with Hydra overrides from $OVERRIDES, e.g. OVERRIDES="-S model.lr=3e-3" make exp
+	@test -d .dvc || $(BIN)/dvc init -q
+	$(BIN)/dvc exp run $$OVERRIDES
+
+GATE ?= reports/promote/gate.json
+gate-status: $(STAMP) ## Read the promotion gate (missing = not promoted); for CI summaries
+	@$(BIN)/python -c 'import json, os, pathlib, sys; \
+	p = pathlib.Path(sys.argv[1]); \
+	g = json.loads(p.read_text()) if p.is_file() else {"promoted": False, "reason": f"{p} not found: the promote stage did not run"}; \
+	ok = g.get("promoted") is True; verdict = "promoted" if ok else "not promoted"; \
+	open(os.environ.get("GITHUB_OUTPUT") or os.devnull, "a").write(f"promoted={str(ok).lower()}\n"); \
+	open(os.environ.get("GITHUB_STEP_SUMMARY") or os.devnull, "a").write(f"## Promotion gate: {verdict}\n\n```json\n{json.dumps(g, indent=2)}\n```\n"); \
+	print(f"gate: {verdict} ({p})")' $(GATE)
 
 test: $(STAMP) ## Run the default test suite (not `slow`)
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -1,0 +1,1 @@
+"""Production monitoring: drift checks and the hooks that turn them into retraining runs."""

