@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -110,10 +112,43 @@ def test_failed_repro_keeps_last_good_outputs_and_lock(project, tmp_path):
     assert "up to date" in run(["dvc", "status", STAGE], repo, env).stdout
 
 
-def test_push_pull_round_trip_to_a_local_remote(project, tmp_path):
+@pytest.fixture
+def s3_server():
+    """A real S3-compatible server (moto in server mode) on loopback, stopped afterwards."""
+    port = _closed_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import boto3
+
+        deadline = time.time() + 30
+        while True:
+            try:
+                boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
+                             aws_secret_access_key="testing").create_bucket(Bucket="intentops")
+                break
+            except Exception:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_push_pull_round_trip(project, tmp_path, request, kind):
     repo, _, _, env, _ = project
-    remote = tmp_path / "remote"
-    run(["dvc", "remote", "add", "-f", "-d", "local", str(remote)], repo)
+    env = dict(env)
+    if kind == "local":
+        run(["dvc", "remote", "add", "-f", "-d", "rt", str(tmp_path / "remote")], repo)
+    else:
+        endpoint = request.getfixturevalue("s3_server")
+        run(["dvc", "remote", "add", "-f", "-d", "rt", "s3://intentops/dvc"], repo)
+        run(["dvc", "remote", "modify", "rt", "endpointurl", endpoint], repo)
+        env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     try:
         run(["dvc", "push", STAGE, "--with-deps"], repo, env)
         train = repo / "data/processed/train.parquet"
@@ -125,7 +160,7 @@ def test_push_pull_round_trip_to_a_local_remote(project, tmp_path):
         assert "up to date" in run(["dvc", "status", STAGE], repo, env).stdout
     finally:
         run(["dvc", "cache", "dir", "--unset"], repo, check=False)
-        run(["dvc", "remote", "remove", "local"], repo, check=False)
+        run(["dvc", "remote", "remove", "rt"], repo, check=False)
 
 
 # ---- bad input: every case gets a non-zero exit and a message naming what, where and what to do ----
