@@ -22,7 +22,93 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=clinc150")
     p.add_argument("--out", default="params.yaml")
     p.set_defaults(func=_params)
+
+    p = sub.add_parser(
+        "drift-check",
+        help="compare the latest profile windows with the reference; exit 0 = no drift, 10 = drift, 2 = error",
+    )
+    p.add_argument("--reference", help="reference profile (default: paths.monitoring_reference)")
+    p.add_argument("--profiles", help="folder or fsspec URL of profile windows (default: paths.monitoring_profiles)")
+    p.add_argument("--last-n", type=int, help="how many latest windows to merge (default: monitor.drift.last_n)")
+    p.add_argument("--dispatch", action="store_true", help="on drift, send the drift-detected repository_dispatch")
+    p.add_argument("--retrain", action="store_true", help="on drift, retrain (needs the export/promote stages)")
+    p.set_defaults(func=_drift_check)
+
+    p = sub.add_parser("drift-reference", help="build the training vocabulary and reference profile from the split")
+    p.set_defaults(func=_drift_reference)
+
+    p = sub.add_parser("label", help="label review-queue items (answers from stdin when it is not a terminal)")
+    p.add_argument("--annotator", help="your name, recorded with each label")
+    p.add_argument("--adjudicate", action="store_true", help="decide items without a strict majority")
+    p.add_argument("--limit", type=int, help="stop after this many items")
+    p.set_defaults(func=_label)
+    label_sub = p.add_subparsers(dest="label_command")
+    e = label_sub.add_parser("export", help="write the resolved labels as CSV (paths.feedback_labels)")
+    e.add_argument("--out", help="CSV path (default: paths.feedback_labels)")
+    e.set_defaults(func=_label_export)
+
+    p = sub.add_parser("db", help="feedback database administration")
+    db_sub = p.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("upgrade", help="create or migrate the schema").set_defaults(func=_db_upgrade)
+
+    p = sub.add_parser("queue", help="review queue maintenance")
+    queue_sub = p.add_subparsers(dest="queue_command", required=True)
+    q = queue_sub.add_parser("prune", help="delete items and feedback older than the retention")
+    q.add_argument("--days", type=int, help="retention in days (default: feedback.store.retention_days)")
+    q.set_defaults(func=_queue_prune)
     return parser
+
+
+def _drift_check(args: argparse.Namespace) -> None:
+    from intentops.config import load_params
+    from intentops.errors import UserError
+    from intentops.monitor import drift
+
+    if args.retrain:  # the hook for issue 5's retraining, once export/promote exist
+        raise UserError(
+            "--retrain is not available yet: it needs the export and promote stages",
+            where="intentops drift-check --retrain",
+            fix="drop --retrain; use --dispatch to start .github/workflows/retrain.yml, or run `dvc repro`",
+        )
+    drift.main(load_params(), reference=args.reference, profiles=args.profiles, last_n=args.last_n, dispatch=args.dispatch)
+
+
+def _drift_reference(args: argparse.Namespace) -> None:
+    from intentops.config import load_params
+    from intentops.monitor.profiles import write_reference
+
+    p = load_params()
+    write_reference(p.paths.train, p.paths.val, p.paths.monitoring_vocab, p.paths.monitoring_reference,
+                    int(p.monitor.features.vocab_min_count))
+    print(f"wrote {p.paths.monitoring_vocab} and {p.paths.monitoring_reference}")
+
+
+def _label(args: argparse.Namespace) -> None:
+    from intentops.config import load_params
+    from intentops.feedback.label import main_label
+
+    main_label(load_params(), args.annotator, adjudicate=args.adjudicate, limit=args.limit)
+
+
+def _label_export(args: argparse.Namespace) -> None:
+    from intentops.config import load_params
+    from intentops.feedback.label import main_export
+
+    main_export(load_params(), args.out)
+
+
+def _db_upgrade(args: argparse.Namespace) -> None:
+    from intentops.config import load_params
+    from intentops.feedback.store import main_upgrade
+
+    main_upgrade(load_params())
+
+
+def _queue_prune(args: argparse.Namespace) -> None:
+    from intentops.config import load_params
+    from intentops.feedback.store import main_prune
+
+    main_prune(load_params(), args.days)
 
 
 @cli_entry

@@ -1,0 +1,1 @@
+"""Human feedback: the review queue, corrections, annotations and labelled exports."""

@@ -1,0 +1,406 @@
+"""`intentops label`: label review-queue items, resolve disagreements, measure agreement, export.
+
+Follows docs/labeling-guidelines.md: independent labels, strict majority, adjudication with a
+reason for the rest (and for every `unclear` item), Cohen's kappa per annotator pair.
+
+An answer is one line: a taxonomy label, the number of one of the model's suggestions,
+`out_of_scope`, `unclear`, `new:<snake_case_name>` (a proposed intent), or empty/`skip`; `quit`
+stops. Anything after ` #` is a note (an adjudication requires one: the reason).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Any, TextIO
+
+import pandas as pd
+
+from intentops.errors import UserError
+from intentops.feedback import store
+
+UNCLEAR = "unclear"
+OUT_OF_SCOPE = "out_of_scope"
+NEW_PREFIX = "new:"
+_NEW_NAME = re.compile(r"[a-z][a-z0-9_]*")
+_SKIP = {"", "s", "skip"}
+_QUIT = {"q", "quit"}
+
+PENDING, MAJORITY, ADJUDICATED, NEEDS_ADJUDICATION = (
+    "pending",
+    "majority",
+    "adjudicated",
+    "needs_adjudication",
+)
+
+
+@dataclass(frozen=True)
+class Taxonomy:
+    labels: tuple[str, ...]
+    oos_label: str | None = None
+
+    @classmethod
+    def read(cls, path: str | Path) -> Taxonomy:
+        """Read the taxonomy JSON that `ingest` writes ({"labels": [...], "oos_label": ...})."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError("taxonomy not found", where=str(path), fix="run `dvc repro ingest` first")
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            return cls(tuple(record["labels"]), record.get("oos_label"))
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(
+                f"taxonomy is not a JSON object with a 'labels' list ({err})",
+                where=str(path),
+                fix="rerun `ingest`",
+            ) from err
+
+    def trainable(self, label: str) -> bool:
+        """Whether a label can go into training data: a taxonomy label or the dataset's out-of-scope label."""
+        return label in self.labels or (self.oos_label is not None and label == self.oos_label)
+
+
+def parse_answer(answer: str, taxonomy: Taxonomy, suggestions: list[str]) -> tuple[str | None, str | None]:
+    """Turn one answer line into (label, note); label None means skip.
+
+    Raises:
+        ValueError: the answer is not a label the guidelines allow (the message says which are).
+    """
+    text, _, note = answer.partition("#")
+    text, note = text.strip(), note.strip() or None
+    if text.lower() in _SKIP:
+        return None, note
+    if text.isdigit():
+        k = int(text)
+        if not 1 <= k <= len(suggestions):
+            raise ValueError(f"there is no suggestion {k}; choose 1-{len(suggestions)}")
+        return suggestions[k - 1], note
+    if text == OUT_OF_SCOPE:
+        return taxonomy.oos_label or OUT_OF_SCOPE, note
+    if text in (UNCLEAR, *taxonomy.labels) or text == taxonomy.oos_label:
+        return text, note
+    if text.startswith(NEW_PREFIX):
+        name = text[len(NEW_PREFIX) :]
+        if not _NEW_NAME.fullmatch(name):
+            raise ValueError(f"a proposed intent is new:<snake_case_name>, got {text!r}")
+        return text, note
+    raise ValueError(
+        f"{text!r} is not in the taxonomy: give a label, a suggestion number, {OUT_OF_SCOPE}, {UNCLEAR}, "
+        f"{NEW_PREFIX}<name>, or skip"
+    )
+
+
+def resolve(
+    votes: Iterable[str], min_annotators: int, adjudicated: str | None = None
+) -> tuple[str | None, str]:
+    """The item's final label and how it was reached.
+
+    Returns:
+        (label, method): method is `adjudicated`, `majority` (strict), `pending` (fewer than
+        `min_annotators` votes) or `needs_adjudication` (no strict majority, or a vote `unclear`).
+    """
+    if adjudicated is not None:
+        return adjudicated, ADJUDICATED
+    votes = list(votes)
+    if len(votes) < min_annotators or not votes:
+        return None, PENDING
+    (top, n), *_ = Counter(votes).most_common(1)
+    if UNCLEAR in votes or 2 * n <= len(votes):
+        return None, NEEDS_ADJUDICATION
+    return top, MAJORITY
+
+
+def agreement(votes: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
+    """Cohen's kappa for every pair of annotators over the items both labelled, their mean, and unanimity.
+
+    Args:
+        votes: prediction_id -> {annotator: label}.
+
+    Returns:
+        {"pairs": [{"annotators", "items", "kappa"}], "mean_kappa", "unanimous_share_by_label"};
+        a pair with fewer than 2 shared items, or one label only, has kappa None (it is undefined).
+    """
+    from sklearn.metrics import cohen_kappa_score
+
+    annotators = sorted({a for v in votes.values() for a in v})
+    pairs = []
+    for a, b in combinations(annotators, 2):
+        shared = [v for v in votes.values() if a in v and b in v]
+        la, lb = [v[a] for v in shared], [v[b] for v in shared]
+        kappa = None
+        if len(shared) >= 2 and len(set(la) | set(lb)) > 1:
+            kappa = float(cohen_kappa_score(la, lb))
+        pairs.append({"annotators": [a, b], "items": len(shared), "kappa": kappa})
+    kappas = [p["kappa"] for p in pairs if p["kappa"] is not None]
+    by_label: dict[str, list[bool]] = defaultdict(list)
+    for v in votes.values():
+        if len(v) >= 2:
+            (top, _), *_ = Counter(v.values()).most_common(1)
+            by_label[top].append(len(set(v.values())) == 1)
+    return {
+        "pairs": pairs,
+        "mean_kappa": sum(kappas) / len(kappas) if kappas else None,
+        "unanimous_share_by_label": {k: sum(u) / len(u) for k, u in sorted(by_label.items())},
+    }
+
+
+def load_state(
+    engine: Any,
+) -> tuple[list[dict], dict[str, dict[str, str]], dict[str, dict[str, Any]], dict[str, dict]]:
+    """(queue items, votes per item {annotator: label}, notes per item {annotator: note}, adjudications per item)."""
+    items = store.queue_items(engine)
+    votes: dict[str, dict[str, str]] = defaultdict(dict)
+    notes: dict[str, dict[str, Any]] = defaultdict(dict)
+    for row in store.table_rows(engine, store.annotations):
+        votes[row["prediction_id"]][row["annotator"]] = row["label"]
+        notes[row["prediction_id"]][row["annotator"]] = row["note"]
+    adjudicated = {row["prediction_id"]: row for row in store.table_rows(engine, store.adjudications)}
+    return items, dict(votes), dict(notes), adjudicated
+
+
+def _show(
+    item: Mapping[str, Any], index: int, total: int, show_top_k: int, write: Callable[[str], None]
+) -> list[str]:
+    """Print one queue item; returns the suggestions in the order they are numbered."""
+    top_k = list(item["top_k"])[:show_top_k]
+    write(
+        f"\n[{index}/{total}] {item['prediction_id']}  (model {item['model_version']}, flagged: {item['reason']})"
+    )
+    write(f"  text: {item['text']}")
+    write(f"  model suggests: {item['suggested_intent']} ({item['confidence']:.2f})")
+    for k, s in enumerate(top_k, 1):
+        write(f"    {k}. {s['intent']} {float(s['score']):.2f}")
+    return [s["intent"] for s in top_k]
+
+
+def label_session(
+    engine: Any,
+    annotator: str,
+    taxonomy: Taxonomy,
+    *,
+    min_annotators: int,
+    show_top_k: int,
+    read_line: Callable[[str], str | None],
+    write: Callable[[str], None],
+    adjudicate: bool = False,
+    limit: int | None = None,
+) -> dict[str, int]:
+    """Show the items this annotator should label (or adjudicate) and record the answers.
+
+    Labelling shows items the annotator has not labelled that still wait for votes, without the other
+    annotators' labels; adjudication shows items without a strict majority (or flagged unclear), with
+    every vote and note, and requires a reason.
+
+    Returns:
+        counts of items `shown`, `labelled` and `skipped`.
+    """
+    items, votes, notes, adjudicated = load_state(engine)
+    todo = []
+    for item in items:
+        pid = item["prediction_id"]
+        item_votes = votes.get(pid, {})
+        _, method = resolve(item_votes.values(), min_annotators, (adjudicated.get(pid) or {}).get("label"))
+        if adjudicate and method == NEEDS_ADJUDICATION:
+            todo.append(item)
+        elif not adjudicate and method == PENDING and annotator not in item_votes:
+            todo.append(item)
+    todo = todo[:limit] if limit is not None else todo
+    counts = {"shown": 0, "labelled": 0, "skipped": 0}
+    if not todo:
+        write(f"nothing to {'adjudicate' if adjudicate else 'label'} for {annotator}")
+    for i, item in enumerate(todo, 1):
+        pid = item["prediction_id"]
+        suggestions = _show(item, i, len(todo), show_top_k, write)
+        if adjudicate:
+            for who, label in sorted(votes.get(pid, {}).items()):
+                note = notes.get(pid, {}).get(who)
+                write(f"  {who}: {label}" + (f"  # {note}" if note else ""))
+        counts["shown"] += 1
+        while True:
+            answer = read_line("adjudicate> " if adjudicate else "label> ")
+            if answer is None or answer.strip().lower() in _QUIT:
+                return counts
+            try:
+                label, note = parse_answer(answer, taxonomy, suggestions)
+                if adjudicate and label == UNCLEAR:
+                    raise ValueError("an adjudication decides: give a label, out_of_scope or new:<name>")
+                if adjudicate and label is not None and not note:
+                    raise ValueError("an adjudication needs a one-line reason: <label> # <reason>")
+            except ValueError as err:
+                write(f"  ! {err}")
+                continue
+            break
+        if label is None:
+            counts["skipped"] += 1
+        elif adjudicate:
+            counts["labelled"] += store.add_adjudication(engine, pid, annotator, label, note)
+        else:
+            counts["labelled"] += store.add_annotation(engine, pid, annotator, label, note)
+    return counts
+
+
+def export_table(
+    items: list[dict],
+    votes: Mapping[str, Mapping[str, str]],
+    adjudicated: Mapping[str, Mapping[str, Any]],
+    taxonomy: Taxonomy,
+    min_annotators: int,
+    guideline_version: str,
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The labelled rows ready for training (text, label + provenance) and a count of every item's status.
+
+    Items whose final label is outside the taxonomy (`new:` proposals, out_of_scope without an
+    out-of-scope class) are counted as `proposals`, not exported.
+    """
+    rows, status = [], Counter()
+    for item in items:
+        pid = item["prediction_id"]
+        adj = adjudicated.get(pid)
+        item_votes = dict(votes.get(pid, {}))
+        label, method = resolve(item_votes.values(), min_annotators, adj["label"] if adj else None)
+        if label is None:
+            status[method] += 1
+            continue
+        if not taxonomy.trainable(label):
+            status["proposals"] += 1
+            continue
+        status["exported"] += 1
+        rows.append(
+            {
+                "text": item["text"],
+                "label": label,
+                "prediction_id": pid,
+                "method": method,
+                "votes": json.dumps(item_votes, sort_keys=True),
+                "n_annotators": len(item_votes),
+                "adjudicator": adj["adjudicator"] if adj else "",
+                "adjudication_reason": adj["reason"] if adj else "",
+                "model_version": item["model_version"],
+                "suggested_intent": item["suggested_intent"],
+                "guideline_version": guideline_version,
+            }
+        )
+    columns = [
+        "text",
+        "label",
+        "prediction_id",
+        "method",
+        "votes",
+        "n_annotators",
+        "adjudicator",
+        "adjudication_reason",
+        "model_version",
+        "suggested_intent",
+        "guideline_version",
+    ]
+    return pd.DataFrame(rows, columns=columns), dict(status)
+
+
+def _stdin_reader(stdin: TextIO, stdout: TextIO) -> Callable[[str], str | None]:
+    """input() with its prompt on a terminal; plain line reads (for scripts and tests) otherwise."""
+    if stdin.isatty():
+
+        def read(prompt: str) -> str | None:
+            try:
+                return input(prompt)
+            except EOFError:
+                return None
+
+        return read
+
+    def read_piped(prompt: str) -> str | None:
+        stdout.write(prompt)
+        line = stdin.readline()
+        stdout.write(line if line.endswith("\n") or not line else line + "\n")
+        return line.rstrip("\n") if line else None
+
+    return read_piped
+
+
+def _kappa_lines(stats: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for p in stats["pairs"]:
+        kappa = "undefined" if p["kappa"] is None else f"{p['kappa']:.3f}"
+        lines.append(f"kappa {p['annotators'][0]} vs {p['annotators'][1]}: {kappa} over {p['items']} item(s)")
+    if stats["mean_kappa"] is not None:
+        lines.append(
+            f"mean pairwise kappa: {stats['mean_kappa']:.3f} (guidelines: review the batch below 0.6)"
+        )
+    return lines
+
+
+def main_label(
+    params: Any,
+    annotator: str,
+    *,
+    adjudicate: bool = False,
+    limit: int | None = None,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+) -> dict[str, int]:
+    """`intentops label`: an annotation (or adjudication) session on the configured store."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    if not annotator or not annotator.strip():
+        raise UserError(
+            "an annotator name is required", where="--annotator", fix="pass --annotator YOUR_NAME"
+        )
+    engine = store.engine_from_params(params)
+    try:
+        store.check_schema(engine)
+        taxonomy = Taxonomy.read(params.paths.taxonomy)
+
+        def write(line: str) -> None:
+            stdout.write(line + "\n")
+
+        counts = label_session(
+            engine,
+            annotator.strip(),
+            taxonomy,
+            min_annotators=int(params.feedback.label.min_annotators),
+            show_top_k=int(params.feedback.label.show_top_k),
+            read_line=_stdin_reader(stdin, stdout),
+            write=write,
+            adjudicate=adjudicate,
+            limit=limit,
+        )
+        _, votes, _, _ = load_state(engine)
+        write(
+            f"{annotator}: {counts['labelled']} labelled, {counts['skipped']} skipped of {counts['shown']} shown"
+        )
+        for line in _kappa_lines(agreement(votes)):
+            write(line)
+        return counts
+    finally:
+        engine.dispose()
+
+
+def main_export(params: Any, out: str | None = None) -> dict[str, Any]:
+    """`intentops label export`: write the resolved labels as CSV and the agreement report, atomically."""
+    from intentops.io import atomic_path, write_json
+
+    out = out or params.paths.feedback_labels
+    engine = store.engine_from_params(params)
+    try:
+        store.check_schema(engine)
+        taxonomy = Taxonomy.read(params.paths.taxonomy)
+        items, votes, _, adjudicated = load_state(engine)
+    finally:
+        engine.dispose()
+    cfg = params.feedback.label
+    table, status = export_table(
+        items, votes, adjudicated, taxonomy, int(cfg.min_annotators), str(cfg.guideline_version)
+    )
+    stats = agreement(votes)
+    with atomic_path(out) as tmp:
+        table.to_csv(tmp, index=False)
+    write_json(params.paths.feedback_agreement, {**stats, "status": status})
+    print(f"wrote {len(table)} labelled row(s) to {out}; status: {status}")
+    for line in _kappa_lines(stats):
+        print(line)
+    return {"rows": len(table), "status": status, "agreement": stats}

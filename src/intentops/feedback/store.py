@@ -1,0 +1,376 @@
+"""The review queue and feedback store: SQLAlchemy Core over SQLite (default) or PostgreSQL.
+
+The schema is created and migrated only by `upgrade()` (`intentops db upgrade`); every other
+function first checks the schema version. Writes are idempotent: each table has a natural key
+and rows are inserted with INSERT ... ON CONFLICT DO NOTHING, so a retried request stores nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from intentops.errors import UserError
+
+DB_URL_ENV = "INTENTOPS_DB_URL"
+
+metadata = sa.MetaData()
+
+schema_version = sa.Table(
+    "schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Predictions the serving app flagged for review (low confidence, disagreement, sampling...).
+review_queue = sa.Table(
+    "review_queue",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("prediction_id", sa.String(128), nullable=False, unique=True),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("model_version", sa.String(128), nullable=False),
+    sa.Column("suggested_intent", sa.String(128), nullable=False),
+    sa.Column("top_k", sa.JSON, nullable=False),
+    sa.Column("confidence", sa.Float, nullable=False),
+    sa.Column("reason", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+)
+
+# Corrections sent with a prediction id (e.g. by an agent through the API); feedback_id is the
+# client's idempotency key.
+feedback = sa.Table(
+    "feedback",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("feedback_id", sa.String(128), nullable=False, unique=True),
+    sa.Column("prediction_id", sa.String(128), nullable=False, index=True),
+    sa.Column("label", sa.String(128), nullable=False),
+    sa.Column("annotator", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+)
+
+# One label per annotator per queue item (the labelling CLI).
+annotations = sa.Table(
+    "annotations",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("prediction_id", sa.String(128), sa.ForeignKey("review_queue.prediction_id"), nullable=False),
+    sa.Column("annotator", sa.String(128), nullable=False),
+    sa.Column("label", sa.String(128), nullable=False),
+    sa.Column("note", sa.Text, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("prediction_id", "annotator", name="uq_annotation_item_annotator"),
+)
+
+# The adjudicator's final label for items without a majority (or flagged unclear).
+adjudications = sa.Table(
+    "adjudications",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "prediction_id",
+        sa.String(128),
+        sa.ForeignKey("review_queue.prediction_id"),
+        nullable=False,
+        unique=True,
+    ),
+    sa.Column("adjudicator", sa.String(128), nullable=False),
+    sa.Column("label", sa.String(128), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+def _v1(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[review_queue, feedback, annotations, adjudications])
+
+
+# Migration N brings the schema from version N-1 to N. Append, never edit a released one.
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+def db_url(sqlite_path: str | os.PathLike) -> str:
+    """$INTENTOPS_DB_URL, else a SQLite file at `sqlite_path` (paths.feedback_db)."""
+    return os.environ.get(DB_URL_ENV) or f"sqlite:///{os.fspath(sqlite_path)}"
+
+
+def make_engine(
+    url: str, *, busy_timeout_ms: int = 30000, pool_size: int = 5, max_overflow: int = 10
+) -> Engine:
+    """An engine safe for concurrent writers.
+
+    SQLite: WAL (readers never block the writer), a busy timeout, foreign keys on, and every
+    transaction opened with BEGIN IMMEDIATE, so that writers queue on the lock up front instead of
+    failing with SQLITE_BUSY when a read transaction tries to become a write. PostgreSQL needs nothing.
+    """
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError as err:
+        raise UserError(
+            f"not a database URL: {url!r}",
+            where=f"${DB_URL_ENV}",
+            fix="e.g. postgresql+psycopg://user@host/db",
+        ) from err
+    if parsed.get_backend_name() != "sqlite":
+        if parsed.drivername == "postgresql":  # the installed driver is psycopg 3, not psycopg2
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        return sa.create_engine(parsed, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True)
+
+    if parsed.database and parsed.database != ":memory:":
+        os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
+    engine = sa.create_engine(
+        parsed,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False},
+    )
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # let the "begin" hook below issue BEGIN itself
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA synchronous=NORMAL")  # durable in WAL mode except on power loss
+        cur.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def engine_from_params(params: Any) -> Engine:
+    """The engine for the configured store (paths.feedback_db or $INTENTOPS_DB_URL)."""
+    s = params.feedback.store
+    return make_engine(
+        db_url(params.paths.feedback_db),
+        busy_timeout_ms=s.busy_timeout_ms,
+        pool_size=s.pool_size,
+        max_overflow=s.max_overflow,
+    )
+
+
+def current_version(conn: Connection) -> int:
+    """The applied schema version; 0 for an empty database."""
+    if not sa.inspect(conn).has_table(schema_version.name):
+        return 0
+    return int(
+        conn.execute(sa.select(sa.func.coalesce(sa.func.max(schema_version.c.version), 0))).scalar_one()
+    )
+
+
+def upgrade(engine: Engine) -> tuple[int, int]:
+    """Apply the migrations the database lacks, in one transaction; returns (version before, after)."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Two concurrent upgrades would both see version 0; the lock serialises them
+            # (SQLite's BEGIN IMMEDIATE already does).
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7305520901)"))
+        schema_version.create(conn, checkfirst=True)
+        before = current_version(conn)
+        if before > SCHEMA_VERSION:
+            raise UserError(
+                f"the database schema is version {before}, newer than this code knows ({SCHEMA_VERSION})",
+                where=_where(engine),
+                fix="upgrade intentops",
+            )
+        for version in range(before + 1, SCHEMA_VERSION + 1):
+            MIGRATIONS[version - 1](conn)
+            conn.execute(schema_version.insert().values(version=version, applied_at=now_utc()))
+    return before, SCHEMA_VERSION
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise a UserError unless the schema is at SCHEMA_VERSION."""
+    try:
+        with engine.connect() as conn:
+            version = current_version(conn)
+    except sa.exc.OperationalError as err:
+        raise UserError(
+            f"cannot open the database: {err.orig}", where=_where(engine), fix=f"check ${DB_URL_ENV}"
+        ) from err
+    if version != SCHEMA_VERSION:
+        raise UserError(
+            f"the database schema is version {version}; this code needs {SCHEMA_VERSION}",
+            where=_where(engine),
+            fix="run `intentops db upgrade`",
+        )
+
+
+def _where(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=True)
+
+
+def _insert_ignore(
+    conn: Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]], key: Sequence[str]
+) -> int:
+    """INSERT ... ON CONFLICT (key) DO NOTHING; returns how many rows were new."""
+    if not rows:
+        return 0
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif conn.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise UserError(
+            f"unsupported database {conn.dialect.name!r}",
+            where=f"${DB_URL_ENV}",
+            fix="use SQLite or PostgreSQL",
+        )
+    # RETURNING rather than rowcount: psycopg reports -1 for an INSERT that SQLAlchemy gave a RETURNING.
+    stmt = insert(table).on_conflict_do_nothing(index_elements=list(key)).returning(table.c.id)
+    return sum(len(conn.execute(stmt, dict(row)).all()) for row in rows)
+
+
+def enqueue(engine: Engine, items: Sequence[Mapping[str, Any]]) -> int:
+    """Add predictions to the review queue; an item whose prediction_id is already there is skipped.
+
+    Args:
+        items: mappings with prediction_id, text, model_version, suggested_intent,
+            top_k (a list of {"intent", "score"}), confidence, reason, and optionally created_at.
+
+    Returns:
+        how many items were new.
+    """
+    rows = [{**item, "created_at": (item.get("created_at") or now_utc()).astimezone(UTC)} for item in items]
+    with engine.begin() as conn:
+        return _insert_ignore(conn, review_queue, rows, ["prediction_id"])
+
+
+def add_feedback(
+    engine: Engine,
+    prediction_id: str,
+    label: str,
+    annotator: str,
+    feedback_id: str | None = None,
+    created_at: datetime | None = None,
+) -> bool:
+    """Record a correction; True when new. Without a feedback_id, one correction per (prediction, annotator, label)."""
+    row = {
+        "feedback_id": feedback_id or f"{prediction_id}:{annotator}:{label}",
+        "prediction_id": prediction_id,
+        "label": label,
+        "annotator": annotator,
+        "created_at": (created_at or now_utc()).astimezone(UTC),
+    }
+    with engine.begin() as conn:
+        return _insert_ignore(conn, feedback, [row], ["feedback_id"]) == 1
+
+
+def add_annotation(
+    engine: Engine, prediction_id: str, annotator: str, label: str, note: str | None = None
+) -> bool:
+    """Record an annotator's label for a queue item; True when new (an annotator labels an item once)."""
+    row = {
+        "prediction_id": prediction_id,
+        "annotator": annotator,
+        "label": label,
+        "note": note,
+        "created_at": now_utc(),
+    }
+    with engine.begin() as conn:
+        return _insert_ignore(conn, annotations, [row], ["prediction_id", "annotator"]) == 1
+
+
+def add_adjudication(engine: Engine, prediction_id: str, adjudicator: str, label: str, reason: str) -> bool:
+    """Record the final label for a disputed item; True when new (an item is adjudicated once)."""
+    row = {
+        "prediction_id": prediction_id,
+        "adjudicator": adjudicator,
+        "label": label,
+        "reason": reason,
+        "created_at": now_utc(),
+    }
+    with engine.begin() as conn:
+        return _insert_ignore(conn, adjudications, [row], ["prediction_id"]) == 1
+
+
+def prune(engine: Engine, retention_days: int, now: datetime | None = None) -> dict[str, int]:
+    """Delete queue items (with their annotations and adjudications) and feedback older than the retention.
+
+    Returns:
+        rows deleted per table.
+    """
+    if retention_days < 0:
+        raise UserError(
+            f"retention must be 0 days or more, got {retention_days}",
+            where="--days",
+            fix="pass --days 0 or more",
+        )
+    cutoff = (now or now_utc()) - timedelta(days=retention_days)
+    old_items = sa.select(review_queue.c.prediction_id).where(review_queue.c.created_at < cutoff)
+    with engine.begin() as conn:
+        return {
+            "annotations": conn.execute(
+                annotations.delete().where(annotations.c.prediction_id.in_(old_items))
+            ).rowcount,
+            "adjudications": conn.execute(
+                adjudications.delete().where(adjudications.c.prediction_id.in_(old_items))
+            ).rowcount,
+            "review_queue": conn.execute(
+                review_queue.delete().where(review_queue.c.created_at < cutoff)
+            ).rowcount,
+            "feedback": conn.execute(feedback.delete().where(feedback.c.created_at < cutoff)).rowcount,
+        }
+
+
+def queue_items(engine: Engine) -> list[dict[str, Any]]:
+    """Every queue item, oldest first, with top_k decoded."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(review_queue).order_by(review_queue.c.created_at, review_queue.c.id)
+        ).mappings()
+        items = [dict(r) for r in rows]
+    for item in items:
+        if isinstance(item["top_k"], str):  # JSON comes back decoded on both dialects; be lenient
+            item["top_k"] = json.loads(item["top_k"])
+    return items
+
+
+def table_rows(engine: Engine, table: sa.Table) -> list[dict[str, Any]]:
+    """All rows of a table, in insertion order."""
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(sa.select(table).order_by(table.c.id)).mappings()]
+
+
+def main_upgrade(params: Any) -> tuple[int, int]:
+    """`intentops db upgrade`: bring the configured database to SCHEMA_VERSION."""
+    engine = engine_from_params(params)
+    try:
+        before, after = upgrade(engine)
+    except sa.exc.OperationalError as err:
+        raise UserError(
+            f"cannot open the database: {err.orig}", where=_where(engine), fix=f"check ${DB_URL_ENV}"
+        ) from err
+    finally:
+        engine.dispose()
+    print(f"schema version {before} -> {after} ({_where(engine)})")
+    return before, after
+
+
+def main_prune(params: Any, days: int | None = None) -> dict[str, int]:
+    """`intentops queue prune`: delete what is older than the retention (feedback.store.retention_days)."""
+    engine = engine_from_params(params)
+    try:
+        check_schema(engine)
+        deleted = prune(engine, int(days if days is not None else params.feedback.store.retention_days))
+    finally:
+        engine.dispose()
+    print("deleted " + ", ".join(f"{n} {table}" for table, n in deleted.items()))
+    return deleted

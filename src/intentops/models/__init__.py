@@ -1,0 +1,1 @@
+"""Model architectures (plain `nn.Module`s and feature builders), one module per conf/model/*.yaml."""

@@ -1,0 +1,74 @@
+"""`model=minilm_head`: a head over frozen MiniLM sentence embeddings concatenated with TF-IDF n-grams."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from intentops.models.tfidf import make_tfidf
+
+
+class EmbeddingTfidfFeaturizer:
+    """Texts -> {"emb": (n, 384) float32, "tfidf": (n, V) CSR}; TF-IDF is fit on the training texts.
+
+    The encoder is loaded lazily by name and never pickled, so a saved featurizer is only the vectoriser.
+    """
+
+    def __init__(self, encoder: str | None = None, batch_size: int = 64, max_seq_length: int | None = None,
+                 tfidf: dict | None = None):
+        self.encoder_name, self.batch_size, self.max_seq_length = encoder, batch_size, max_seq_length
+        self.vectorizer = make_tfidf(**(tfidf or {}))
+        self._encoder = None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_encoder"} | {"_encoder": None}
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        from intentops.embed import load_encoder, run_embed
+
+        if self._encoder is None:
+            self._encoder = load_encoder(self.encoder_name)
+            if self.max_seq_length:
+                self._encoder.max_seq_length = int(self.max_seq_length)
+        return run_embed(self._encoder, list(texts), self.batch_size)
+
+    def fit(self, texts: Sequence[str], embeddings: np.ndarray | None = None) -> EmbeddingTfidfFeaturizer:
+        self.vectorizer.fit(list(texts))
+        probe = self.encode(list(texts)[:1]) if embeddings is None else embeddings
+        self.emb_dim = int(np.asarray(probe).shape[1])
+        return self
+
+    def transform(self, texts: Sequence[str], embeddings: np.ndarray | None = None) -> dict:
+        """Args: embeddings: precomputed by the `embed` stage for these texts (skips the encoder)."""
+        emb = self.encode(texts) if embeddings is None else np.asarray(embeddings, dtype=np.float32)
+        return {"emb": emb, "tfidf": self.vectorizer.transform(list(texts)).astype(np.float32).tocsr()}
+
+    def net_kwargs(self) -> dict:
+        """Input sizes the head needs, known only once the vectoriser is fit."""
+        return {"emb_dim": self.emb_dim, "tfidf_dim": len(self.vectorizer.get_feature_names_out())}
+
+
+class EmbTfidfHead(nn.Module):
+    """Linear (hidden=0) or one-hidden-layer head over [emb_scale * emb ‖ tfidf].
+
+    `emb_scale` balances 384 dense unit-norm dimensions against tens of thousands of sparse TF-IDF ones;
+    without it the TF-IDF block dominates the logits.
+    """
+
+    def __init__(self, emb_dim: int, tfidf_dim: int, n_classes: int, hidden: int = 0, dropout: float = 0.0,
+                 emb_scale: float = 3.0):
+        super().__init__()
+        self.emb_scale = emb_scale
+        in_dim = emb_dim + tfidf_dim
+        if hidden:
+            self.layers = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.GELU(),
+                                        nn.Dropout(dropout), nn.Linear(hidden, n_classes))
+        else:
+            self.layers = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, n_classes))
+
+    def forward(self, emb: torch.Tensor, tfidf: torch.Tensor) -> torch.Tensor:
+        # emb (b, 384), tfidf (b, V) -> logits (b, n_classes)
+        return self.layers(torch.cat([emb * self.emb_scale, tfidf], dim=1))

@@ -1,0 +1,102 @@
+"""Per-utterance monitoring features that describe a message without keeping its text.
+
+Profiles of these features (see `profiles.py`) are what production monitoring stores; the raw
+utterance never leaves this module.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+
+# Simple word tokens; digits are folded to 0 so that "£20" and "£50" share a vocabulary entry.
+_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_DIGIT = re.compile(r"\d")
+_CURRENCY_SYMBOLS = "£$€¥₹₩₽₺¢"
+_CURRENCY_WORDS = (
+    r"usd|eur|gbp|jpy|chf|cad|aud|nzd|sek|nok|dkk|pln|czk|huf|inr|cny|hkd|sgd|mxn|brl|zar|try|rub"
+    r"|dollars?|euros?|pounds?|quid|bucks|yen|francs?|rupees?|pence|cents?"
+)
+_NUMBER = r"\d+(?:[.,]\d+)*"
+_AMOUNT = re.compile(
+    rf"[{_CURRENCY_SYMBOLS}]\s?{_NUMBER}"  # £20, $ 5.50
+    rf"|{_NUMBER}\s?[{_CURRENCY_SYMBOLS}]"  # 20€
+    rf"|\b{_NUMBER}\s?(?:{_CURRENCY_WORDS})\b"  # 100 euros, 20usd
+    rf"|\b(?:{_CURRENCY_WORDS})\s?{_NUMBER}",  # EUR 50
+    re.IGNORECASE,
+)
+
+TEXT_FEATURES = ("length_chars", "length_tokens", "oov_rate", "has_digits", "has_amount")
+PREDICTION_FEATURES = ("predicted_intent", "confidence", "margin")
+# The only string-valued feature; every other column is numeric. Profiles refuse other string columns.
+CATEGORICAL_FEATURES = ("predicted_intent",)
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased word tokens with every digit replaced by 0."""
+    return _TOKEN.findall(_DIGIT.sub("0", text.lower()))
+
+
+def build_vocab(texts: Iterable[str], min_count: int = 1) -> frozenset[str]:
+    """The training vocabulary: tokens seen at least `min_count` times in `texts`."""
+    counts = Counter(tok for text in texts for tok in tokenize(text))
+    return frozenset(tok for tok, n in counts.items() if n >= min_count)
+
+
+def text_features(text: str, vocab: frozenset[str] | set[str]) -> dict[str, Any]:
+    """The features of one utterance; an utterance without tokens has an OOV rate of 0."""
+    tokens = tokenize(text)
+    oov = sum(tok not in vocab for tok in tokens)
+    return {
+        "length_chars": len(text),
+        "length_tokens": len(tokens),
+        "oov_rate": oov / len(tokens) if tokens else 0.0,
+        "has_digits": int(bool(_DIGIT.search(text))),
+        "has_amount": int(bool(_AMOUNT.search(text))),
+    }
+
+
+def prediction_features(prediction: Mapping[str, Any]) -> dict[str, Any]:
+    """Features of one model output.
+
+    Args:
+        prediction: `{"intent": str, "confidence": float, "top_k": [{"intent": str, "score": float}, ...]}`,
+            the shape the review queue stores; `top_k` is optional and sorted best first.
+
+    Returns:
+        predicted intent, confidence, and the top-1 minus top-2 score margin (the confidence itself
+        when fewer than two scores are given).
+    """
+    confidence = float(prediction["confidence"])
+    scores = [float(k["score"]) for k in prediction.get("top_k") or []]
+    margin = scores[0] - scores[1] if len(scores) >= 2 else confidence
+    return {"predicted_intent": str(prediction["intent"]), "confidence": confidence, "margin": margin}
+
+
+def utterance_features(
+    texts: Sequence[str],
+    vocab: frozenset[str] | set[str],
+    predictions: Sequence[Mapping[str, Any]] | None = None,
+) -> pd.DataFrame:
+    """One row of features per utterance, without the text.
+
+    Args:
+        texts: the utterances.
+        vocab: the training vocabulary from `build_vocab`.
+        predictions: optional model outputs aligned with `texts` (see `prediction_features`).
+
+    Returns:
+        columns TEXT_FEATURES, then PREDICTION_FEATURES when `predictions` is given.
+    """
+    if predictions is not None and len(predictions) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(predictions)} predictions")
+    rows = [text_features(t, vocab) for t in texts]
+    if predictions is not None:
+        rows = [{**r, **prediction_features(p)} for r, p in zip(rows, predictions, strict=True)]
+    columns = list(TEXT_FEATURES) + (list(PREDICTION_FEATURES) if predictions is not None else [])
+    df = pd.DataFrame(rows, columns=columns)
+    return df.astype({c: "int64" for c in ("length_chars", "length_tokens", "has_digits", "has_amount")})

@@ -1,0 +1,32 @@
+"""The non-default models build from their conf/model/*.yaml and train end to end on CPU (tiny runs)."""
+
+from __future__ import annotations
+
+import pytest
+
+from intentops.config import compose
+from intentops.predictor import Predictor
+from intentops.train import train_from_config
+
+
+@pytest.mark.parametrize("model, extra", [
+    # One step of the full MiniLM fine-tune: proves the GPU model's code path on CPU.
+    ("minilm_finetune", ["+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "model.max_epochs=1",
+                         "model.batch_size=4", "train.eval_batch_size=8"]),
+    ("bilstm", ["model.max_epochs=2"]),
+])
+def test_model_trains_and_its_bundle_predicts(small_project, small_overrides, tmp_path, model, extra):
+    root, _ = small_project
+    cfg = compose(small_overrides + [f"model={model}"] + extra)
+    metrics = train_from_config(cfg, tmp_path / "bundle", tmp_path / "work", root=root)
+    assert metrics["model"] == model and metrics["size"]["trainable_params"] > 0
+    predictor = Predictor.load(tmp_path / "bundle")
+    proba = predictor.predict_proba(["my card was stolen", "top up failed"])
+    assert proba.shape == (2, 5)
+
+
+def test_missing_bundle_is_a_user_error(tmp_path):
+    from intentops.errors import UserError
+
+    with pytest.raises(UserError, match="no model bundle"):
+        Predictor.load(tmp_path)
