@@ -56,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     q = queue_sub.add_parser("prune", help="delete items and feedback older than the retention")
     q.add_argument("--days", type=int, help="retention in days (default: feedback.store.retention_days)")
     q.set_defaults(func=_queue_prune)
+
+    p = sub.add_parser("rollback", help="point production back at the previous (or a named) registry version")
+    p.add_argument("--to", metavar="VERSION", help="the version to restore (default: the one before the current)")
+    p.set_defaults(func=_rollback)
+
+    p = sub.add_parser("registry", help="the model registry (paths.registry_dir)")
+    reg_sub = p.add_subparsers(dest="registry_command", required=True)
+    reg_sub.add_parser("list", help="versions, the production one marked, and the promotion history").set_defaults(
+        func=_registry_list)
     return parser
 
 
@@ -109,6 +118,29 @@ def _queue_prune(args: argparse.Namespace) -> None:
     from intentops.feedback.store import main_prune
 
     main_prune(load_params(), args.days)
+
+
+def _rollback(args: argparse.Namespace) -> None:
+    from intentops.config import load_params
+    from intentops.registry import Registry
+
+    registry = Registry.at(load_params().paths.registry_dir)
+    before = registry.production()
+    print(f"production: {before} -> {registry.rollback(args.to)}")
+
+
+def _registry_list(args: argparse.Namespace) -> None:
+    from intentops.config import load_params
+    from intentops.registry import Registry
+
+    registry = Registry.at(load_params().paths.registry_dir)
+    production = registry.production()
+    for version in registry.versions():
+        print(f"{'*' if version == production else ' '} {version}")
+    if production and production not in registry.versions():
+        print(f"! production {production} is not present locally")
+    for event in registry.history():
+        print(f"  {event['time']}  {event['event']:<8} {event['version']}  (was {event['previous']}): {event['reason']}")
 
 
 @cli_entry

@@ -10,7 +10,13 @@ With no champion, the first model is promoted (checks 1 and 2 have nothing to co
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+
+from intentops.errors import UserError, cli_entry
+
+log = logging.getLogger(__name__)
 
 
 def per_class_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, weights: np.ndarray | None = None) -> np.ndarray:
@@ -101,3 +107,105 @@ def run_gate(
     reasons.append(f"largest per-intent F1 drop {drops[worst]:.4f} ({labels[worst]}) "
                    f"{'≤' if per_class_ok else '>'} δ ({delta})")
     return {"promoted": bool(f1_ok and per_class_ok and latency_ok), "reasons": reasons, "checks": checks}
+
+
+def label_ids(predictions: list[str] | np.ndarray, labels: list[str]) -> np.ndarray:
+    """Predicted intent names -> ids in `labels`; a name not in `labels` gets id len(labels) (always wrong)."""
+    index = {name: i for i, name in enumerate(labels)}
+    return np.array([index.get(str(p), len(labels)) for p in predictions], dtype=np.int64)
+
+
+def predicted_intents(predictor, texts: list[str]) -> np.ndarray:
+    """Top-1 intent names for `texts` through the Predictor."""
+    proba = predictor.predict_proba(texts)
+    return np.asarray(predictor.labels, dtype=object)[proba.argmax(1)]
+
+
+def single_request_latency_ms(predictor, texts: list[str], calls: int = 200, warmup: int = 20) -> dict:
+    """p50/p95 milliseconds of `predictor.predict([text])`, one text per call, after `warmup` calls."""
+    import time
+
+    times = []
+    for i in range(warmup + calls):
+        t0 = time.perf_counter()
+        predictor.predict([texts[i % len(texts)]])
+        if i >= warmup:
+            times.append(1000.0 * (time.perf_counter() - t0))
+    return {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)), "calls": calls}
+
+
+def run_promote(challenger, champion, texts: list[str], y_true: np.ndarray, gate: dict,
+                latency_calls: int = 200, warmup_calls: int = 20) -> dict:
+    """Score challenger and champion on the same texts through their Predictors, time the challenger, gate.
+
+    Args:
+        y_true: label ids in `challenger.labels` order.
+        gate: run_gate's keyword arguments epsilon, delta, latency_budget_ms, n_boot, confidence, seed.
+
+    Returns:
+        gate.json: {"promoted", "reasons", "checks", "challenger", "champion"}.
+    """
+    labels = list(challenger.labels)
+    # Champion intents the challenger does not know score as an extra, always-wrong class.
+    space = labels + ["<not a challenger label>"]
+    challenger_pred = label_ids(predicted_intents(challenger, texts), labels)
+    champion_pred = None if champion is None else label_ids(predicted_intents(champion, texts), labels)
+    latency = single_request_latency_ms(challenger, texts, latency_calls, warmup_calls)
+    result = run_gate(y_true, challenger_pred, champion_pred, space, latency["p95_ms"], **gate)
+    result["checks"]["latency"].update(p50_ms=latency["p50_ms"], calls=latency["calls"])
+    result["checks"]["n_test"] = int(len(y_true))
+    return {"promoted": result["promoted"], "reasons": result["reasons"], "checks": result["checks"],
+            "challenger": getattr(challenger, "version", None),
+            "champion": None if champion is None else getattr(champion, "version", None)}
+
+
+@cli_entry
+def main() -> None:
+    import time
+
+    import pandas as pd
+
+    from intentops.config import load_params
+    from intentops.io import write_json
+    from intentops.predictor import Predictor
+    from intentops.registry import Registry
+    from intentops.train import encode_labels
+
+    cfg = load_params()
+    paths, pcfg = cfg.paths, cfg.promote
+    t0 = time.perf_counter()
+    challenger = Predictor.load(paths.bundle_dir)
+    version = challenger.version
+    if not version:
+        raise UserError("the challenger bundle has no version", where=f"{paths.bundle_dir}/bundle.json",
+                        fix="re-run `dvc repro export`: promote takes the ONNX bundle that export writes")
+    registry = Registry.at(paths.registry_dir)
+    champion_version = registry.production()
+    champion = None
+    if champion_version:
+        champion_dir = registry.production_dir()
+        if not champion_dir.is_dir():
+            raise UserError(
+                f"production points at {champion_version}, but its bundle is not here", where=str(champion_dir),
+                fix="restore the registry folder (see models/registry/.gitignore) or `intentops rollback --to` one "
+                    "that is present",
+            )
+        champion = Predictor.load(champion_dir)
+    test, y, _ = encode_labels(pd.read_parquet(paths.test), challenger.labels)
+    gate = {k: pcfg[k] for k in ("epsilon", "delta", "latency_budget_ms", "n_boot", "confidence", "seed")}
+    result = run_promote(challenger, champion, test["text"].tolist(), y, gate,
+                         int(pcfg.latency_calls), int(pcfg.warmup_calls))
+    if result["promoted"] and version == champion_version:
+        result["reasons"].append(f"{version} is already in production: registry unchanged")
+    elif result["promoted"]:
+        registry.add(paths.bundle_dir, version)
+        registry.set_production(version, event="promote", reason="; ".join(result["reasons"]),
+                                macro_f1=result["checks"]["challenger_macro_f1"])
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(paths.promote_gate, result)
+    log.info("promote %s vs %s: %s (%s)", version, champion_version or "no champion",
+             "PROMOTED" if result["promoted"] else "rejected", "; ".join(result["reasons"]))
+
+
+if __name__ == "__main__":
+    main()

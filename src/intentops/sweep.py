@@ -2,7 +2,7 @@
 
 Every trial calls the same `train_from_config` as the DVC stage and writes `<trial dir>/metrics.json`;
 `SweepSummary` (a Hydra callback, see conf/config.yaml: hydra.callbacks) writes `<sweep dir>/summary.json`
-naming the best trial. Optuna: `hparams_search=optuna`; local Ray: `hydra/launcher=ray_local`.
+naming the best trial. Optuna: `hparams_search=optuna`; local Ray: `hydra/launcher=ray`.
 """
 
 from __future__ import annotations

@@ -53,5 +53,5 @@ def test_optuna_sweep(sweep_project):
 
 @pytest.mark.slow
 def test_ray_launcher_sweep(sweep_project):
-    summary = run_sweep(sweep_project, ["-m", "hydra/launcher=ray_local", "model.lr=1e-3,3e-2"])
+    summary = run_sweep(sweep_project, ["-m", "hydra/launcher=ray", "model.lr=1e-3,3e-2"])
     assert summary["n_trials"] == 2

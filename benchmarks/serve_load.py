@@ -1,0 +1,216 @@
+"""Load-test the intent API on loopback and print ONE JSON line: raw model, Serve overhead (echo), live endpoint.
+
+    python benchmarks/serve_load.py [--bundle production|DIR] [--scale 1.0] [key=value ...]
+
+Starts everything itself (a local Ray with 2 CPUs, Serve on 127.0.0.1) and stops it; every level is
+bounded by a request count and a time cap. Measures, on the same machine and bundle:
+  raw   the Predictor in-process: batched throughput (sentences/s) and single-sentence latency
+  echo  a no-op deployment behind the same Serve HTTP proxy and FastAPI layer, at concurrency 1 and 32
+  live  serving/app.py at concurrency 1, 8 and 32 (one text per request), then a list-of-texts client
+ceiling_rps = 1 / (1/echo_c32_rps + 1/raw_sents_per_s): the rate if HTTP and the model shared the
+CPU with no other loss. key=value pairs override serving user_config (e.g. batching.max_batch_size=16).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = ["When will my new card arrive?", "I lost my card yesterday, please block it",
+         "What exchange rate do you use for euros?", "My top up failed again", "my PIN is blocked, help",
+         "Why was I charged twice for the same payment?", "How do I verify my identity?",
+         "I want to cancel a transfer I just made"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+# --- raw -------------------------------------------------------------------------------------------------------
+def measure_raw(bundle: Path, batch_size: int, num_threads: int, seconds: float = 4.0) -> dict:
+    """Batched sentences/s and single-sentence latency of the Predictor in this process."""
+    import torch
+
+    from intentops.predictor import Predictor
+
+    torch.set_num_threads(num_threads)
+    predictor = Predictor.load(bundle)
+    batch = [TEXTS[i % len(TEXTS)] for i in range(batch_size)]
+    predictor.predict(batch, top_k=3)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        predictor.predict(batch, top_k=3)
+        n += batch_size
+    sents_per_s = n / (time.perf_counter() - start)
+    single = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds / 2 and len(single) < 300:
+        t = time.perf_counter()
+        predictor.predict([TEXTS[len(single) % len(TEXTS)]], top_k=3)
+        single.append((time.perf_counter() - t) * 1000)
+    return {"sents_per_s": sents_per_s, "single_ms": statistics.median(single)}
+
+
+# --- HTTP load ---------------------------------------------------------------------------------------------
+async def load(url: str, concurrency: int, requests: int, max_s: float, texts_per_request: int = 1,
+               warmup: int = 0) -> dict:
+    """`concurrency` clients send `requests` POSTs in all (or stop at max_s); latency percentiles in ms."""
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    sent = 0
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        async def one(i: int) -> float | None:
+            body = ({"text": TEXTS[i % len(TEXTS)]} if texts_per_request == 1
+                    else {"texts": [TEXTS[(i + j) % len(TEXTS)] for j in range(texts_per_request)]})
+            t = time.perf_counter()
+            try:
+                async with session.post(url, json=body) as r:
+                    await r.read()
+                    ok = r.status == 200
+            except aiohttp.ClientError:
+                ok = False
+            return (time.perf_counter() - t) * 1000 if ok else None
+
+        for i in range(warmup):
+            await one(i)
+        deadline = time.perf_counter() + max_s
+
+        async def worker() -> None:
+            nonlocal sent, errors
+            while sent < requests and time.perf_counter() < deadline:
+                sent += 1
+                ms = await one(sent)
+                if ms is None:
+                    errors += 1
+                else:
+                    latencies.append(ms)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    done = len(latencies)
+    return {"rps": done / elapsed, "texts_per_s": done * texts_per_request / elapsed, "requests": done + errors,
+            "errors": errors, "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
+            "p99_ms": percentile(latencies, 99)}
+
+
+def echo_deployment(serve, api_models):
+    """A no-op with the app's FastAPI layer and request model: what Serve + HTTP cost without the model."""
+    from fastapi import FastAPI
+
+    echo_api = FastAPI()
+
+    @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1},
+                      logging_config={"encoding": "JSON", "enable_access_log": False})
+    @serve.ingress(echo_api)
+    class Echo:
+        @echo_api.post("/v1/predict")
+        async def predict(self, body: api_models.PredictRequest) -> dict:
+            return {"predictions": [{"intent": "echo", "confidence": 1.0}]}
+
+    return Echo
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """key.sub=value pairs (values as JSON where they parse) into a nested dict."""
+    out: dict = {}
+    for pair in pairs:
+        key, _, raw = pair.partition("=")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bundle", default=None, help="bundle folder, or `production` (default: production "
+                        "when models/registry/production exists, else models/train)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every request count")
+    parser.add_argument("overrides", nargs="*", help="serving user_config overrides, key=value")
+    args = parser.parse_args()
+
+    import ray
+    from omegaconf import OmegaConf
+    from ray import serve
+
+    from intentops import serve_api
+    from intentops.config import load_params
+    from intentops.feedback import store
+
+    os.chdir(ROOT)  # replicas import serving.app from the driver's working directory
+    defaults = OmegaConf.to_container(load_params(ROOT / "params.yaml").serving, resolve=True)
+    bundle = args.bundle or ("production" if (ROOT / defaults["registry_dir"] / "production").is_file()
+                             else "models/train")
+    user_config = serve_api.merge_settings({"bundle": bundle, **{k: v for k, v in defaults.items()
+                                                                  if k != "bundle"}}, parse_overrides(args.overrides))
+    bundle_dir, _ = serve_api.resolve_bundle(bundle, defaults["registry_dir"], ROOT)
+    n = lambda k: max(1, int(k * args.scale))  # noqa: E731
+
+    raw = measure_raw(bundle_dir, user_config["batching"]["max_batch_size"], user_config["num_threads"])
+
+    out: dict = {"bundle": str(bundle_dir.relative_to(ROOT) if bundle_dir.is_relative_to(ROOT) else bundle_dir),
+                 "raw_sents_per_s": round(raw["sents_per_s"], 1), "raw_single_ms": round(raw["single_ms"], 2),
+                 "raw_batch": user_config["batching"]["max_batch_size"], "num_threads": user_config["num_threads"]}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="intentops-load-") as tmp:
+        db = Path(tmp) / "queue.db"
+        engine = store.make_engine(f"sqlite:///{db}")
+        store.upgrade(engine)
+        engine.dispose()
+        user_config["store"]["db"] = str(db)
+        user_config["monitoring"]["profiles"] = str(Path(tmp) / "profiles")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(echo_deployment(serve, serve_api).bind(), name="echo", route_prefix="/echo")
+            echo1 = asyncio.run(load(f"{base}/echo/v1/predict", 1, n(300), 30, warmup=20))
+            echo32 = asyncio.run(load(f"{base}/echo/v1/predict", 32, n(1500), 30, warmup=20))
+            serve.delete("echo")
+
+            service = serve_api.import_app(ROOT).IntentService.options(
+                user_config=user_config, logging_config={"encoding": "JSON", "enable_access_log": False})
+            serve.run(service.bind(), name="intentops", route_prefix="/")
+            url = f"{base}/v1/predict"
+            live = {c: asyncio.run(load(url, c, n(k), 40, warmup=20 if c == 1 else 0))
+                    for c, k in ((1, 200), (8, 600), (32, 1200))}
+            batch = asyncio.run(load(url, 4, n(60), 40, texts_per_request=32))
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+    ceiling = 1 / (1 / echo32["rps"] + 1 / raw["sents_per_s"])
+    out |= {"echo_c1_rps": round(echo1["rps"], 1), "echo_c1_p50_ms": round(echo1["p50_ms"], 2),
+            "echo_c32_rps": round(echo32["rps"], 1), "echo_c32_p50_ms": round(echo32["p50_ms"], 2)}
+    for c, r in live.items():
+        out |= {f"c{c}_rps": round(r["rps"], 1), f"c{c}_p50_ms": round(r["p50_ms"], 2),
+                f"c{c}_p95_ms": round(r["p95_ms"], 2), f"c{c}_p99_ms": round(r["p99_ms"], 2)}
+    out |= {"list32_c4_texts_per_s": round(batch["texts_per_s"], 1), "list32_c4_p50_ms": round(batch["p50_ms"], 2),
+            "ceiling_rps": round(ceiling, 1), "ratio_c32_vs_ceiling": round(live[32]["rps"] / ceiling, 3),
+            "c1_p50_budget_ms": round(echo1["p50_ms"] + raw["single_ms"] + 5, 2),
+            "errors": sum(r["errors"] for r in (echo1, echo32, batch, *live.values())),
+            "batching": user_config["batching"]}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The intent API served by Ray Serve (see app.py and config.yaml)."""

@@ -1,0 +1,251 @@
+"""Calibration and out-of-scope scoring: pure numpy functions shared by `calibrate`, `evaluate` and serving.
+
+The one call serving makes is `postprocess(logits, calibration, embeddings)`; `calibration` is what
+`load_calibration` reads from models/calibration.json (+ its .npz of embedding statistics, if any).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from intentops.predictor import softmax
+
+METHODS = ("msp", "energy", "mahalanobis", "knn")
+# Scores where larger means "more out-of-scope"; msp is a confidence, so small means out-of-scope.
+HIGHER_IS_OOD = {"msp": False, "energy": True, "mahalanobis": True, "knn": True}
+EMBEDDING_METHODS = ("mahalanobis", "knn")
+TARGETS = ("oos_recall", "in_scope_precision", "coverage")
+REASONS = ("out_of_distribution", "low_confidence", "ambiguous")
+
+
+# --- temperature scaling ---------------------------------------------------------------------------------
+def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise log-softmax of logits / temperature, float64, shape (n, k)."""
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of labels `y` (n,) under softmax(logits / temperature)."""
+    return float(-log_softmax(logits, temperature)[np.arange(len(y)), y].mean())
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The temperature T minimising validation NLL of softmax(logits / T) (Guo et al. 2017).
+
+    A bounded 1-D search over log T: NLL has one parameter and is smooth, so no autograd is needed.
+    """
+    from scipy.optimize import minimize_scalar
+
+    res = minimize_scalar(lambda log_t: nll(logits, y, math.exp(log_t)), method="bounded",
+                          bounds=(math.log(bounds[0]), math.log(bounds[1])), options={"xatol": 1e-4})
+    return float(math.exp(res.x))
+
+
+# --- out-of-scope scores -----------------------------------------------------------------------------------
+def energy_score(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Energy −T·logsumexp(logits / T), shape (n,); higher means more out-of-scope (Liu et al. 2020)."""
+    z = logits.astype(np.float64) / temperature
+    m = z.max(axis=1)
+    return -temperature * (m + np.log(np.exp(z - m[:, None]).sum(axis=1)))
+
+
+def fit_mahalanobis(embeddings: np.ndarray, y: np.ndarray, shrinkage: float = 0.1) -> dict[str, np.ndarray]:
+    """Class means (k, d) and the shared precision matrix (d, d) of training embeddings.
+
+    Args:
+        shrinkage: weight of the scaled identity mixed into the covariance, which is near-singular for
+            sentence embeddings (few hundred dims, some nearly constant).
+    """
+    x = embeddings.astype(np.float64)
+    classes = np.unique(y)
+    means = np.stack([x[y == c].mean(axis=0) for c in classes])
+    centred = x - means[np.searchsorted(classes, y)]
+    cov = centred.T @ centred / len(x)
+    cov = (1 - shrinkage) * cov + shrinkage * np.trace(cov) / len(cov) * np.eye(len(cov))
+    return {"means": means.astype(np.float32), "precision": np.linalg.inv(cov).astype(np.float32)}
+
+
+def mahalanobis_score(embeddings: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distance to the nearest class mean, shape (n,); higher means more out-of-scope."""
+    x = embeddings.astype(np.float64)
+    p = precision.astype(np.float64)
+    mu = means.astype(np.float64)
+    xp = x @ p
+    # (x-mu)^T P (x-mu) = x^T P x - 2 x^T P mu + mu^T P mu, for every (row, class) pair at once: (n, k).
+    d = (xp * x).sum(axis=1)[:, None] - 2 * xp @ mu.T + ((mu @ p) * mu).sum(axis=1)[None, :]
+    return d.min(axis=1)
+
+
+def knn_score(embeddings: np.ndarray, bank: np.ndarray, k: int = 10, batch: int = 2048) -> np.ndarray:
+    """1 − cosine similarity to the k-th nearest training embedding, shape (n,); higher = more out-of-scope.
+
+    Both inputs are L2-normalised sentence embeddings (the `embed` stage writes them so).
+    """
+    bank = bank.astype(np.float32)
+    k = min(k, len(bank))
+    out = np.empty(len(embeddings))
+    for start in range(0, len(embeddings), batch):
+        sims = embeddings[start:start + batch].astype(np.float32) @ bank.T
+        out[start:start + batch] = 1.0 - np.partition(sims, -k, axis=1)[:, -k]
+    return out
+
+
+def ood_scores(logits: np.ndarray, ood: dict, temperature: float, embeddings: np.ndarray | None = None) -> np.ndarray:
+    """The configured method's score per row (n,); direction given by `HIGHER_IS_OOD[ood["method"]]`."""
+    method = ood["method"]
+    if method == "msp":
+        return softmax(logits, temperature).max(axis=1).astype(np.float64)
+    if method == "energy":
+        return energy_score(logits, temperature)
+    if embeddings is None:
+        raise ValueError(f"OOD method {method!r} needs the sentence embeddings of the texts")
+    stats = ood["stats"]
+    if method == "mahalanobis":
+        return mahalanobis_score(embeddings, stats["means"], stats["precision"])
+    if method == "knn":
+        return knn_score(embeddings, stats["bank"], int(ood.get("k", 10)))
+    raise ValueError(f"unknown OOD method {method!r}; expected one of {METHODS}")
+
+
+def is_ood(scores: np.ndarray, threshold: float, higher_is_ood: bool) -> np.ndarray:
+    """(n,) bool: the score is on the out-of-scope side of the threshold (ties count as out-of-scope)."""
+    return scores >= threshold if higher_is_ood else scores <= threshold
+
+
+# --- threshold selection -----------------------------------------------------------------------------------
+def choose_threshold(scores: np.ndarray, is_oos: np.ndarray, correct: np.ndarray, higher_is_ood: bool,
+                     target: dict[str, float]) -> float:
+    """The least aggressive threshold that meets a single target on validation rows.
+
+    Args:
+        scores: OOD scores (n,).
+        is_oos: (n,) bool, true for out-of-scope rows (may be all false).
+        correct: (n,) bool, true where the classifier's top-1 is right (false on out-of-scope rows).
+        target: one of {"oos_recall": r} (flag at least r of the out-of-scope rows),
+            {"in_scope_precision": p} (accepted rows are right at least p of the time, keeping the most),
+            {"coverage": c} (accept at least c of the in-scope rows).
+
+    Returns:
+        The threshold; a row is out-of-scope when `is_ood(score, threshold, higher_is_ood)`.
+    """
+    if len(target) != 1 or next(iter(target)) not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS} with a value, got {dict(target)}")
+    (name, value), = target.items()
+    # Work in "higher = more OOD" space; flagged = s >= t. Candidates are the observed scores.
+    s = np.asarray(scores, dtype=np.float64) * (1 if higher_is_ood else -1)
+    sign = 1 if higher_is_ood else -1
+    if name == "oos_recall":
+        oos = np.sort(s[is_oos])[::-1]
+        if not len(oos):
+            raise ValueError("target oos_recall needs out-of-scope rows in the validation data")
+        need = max(1, math.ceil(value * len(oos) - 1e-9))
+        return float(sign * oos[min(need, len(oos)) - 1])
+    if name == "coverage":
+        ins = np.sort(s[~is_oos])
+        keep = min(len(ins), math.ceil(value * len(ins) - 1e-9))
+        # Flag everything above the keep-th smallest in-scope score.
+        return float(sign * (np.nextafter(ins[keep - 1], np.inf) if keep else ins[0]))
+    # in_scope_precision: accept rows with s < t; scan thresholds from the most permissive down.
+    order = np.argsort(s, kind="stable")
+    ok = np.cumsum(correct[order]) / np.arange(1, len(s) + 1)  # precision of the i+1 lowest-scored rows
+    sorted_s = s[order]
+    # A cut is valid only between distinct scores (ties are flagged together).
+    last_of_run = np.r_[sorted_s[1:] != sorted_s[:-1], True]
+    valid = np.flatnonzero((ok >= value) & last_of_run)
+    if not len(valid):
+        return float(sign * sorted_s[0])  # flag everything: no cut reaches the precision
+    i = valid[-1]
+    return float(sign * (np.nextafter(sorted_s[i], np.inf)))
+
+
+# --- detection and selective-prediction metrics -------------------------------------------------------------
+def detection_metrics(scores: np.ndarray, positive: np.ndarray, higher_is_positive: bool,
+                      tpr_level: float = 0.95) -> dict[str, float]:
+    """AUROC and FPR at `tpr_level` TPR of a detector; the positives are the rows to catch (e.g. OOS)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    s = scores if higher_is_positive else -np.asarray(scores)
+    fpr, tpr, _ = roc_curve(positive, s)
+    return {"auroc": float(roc_auc_score(positive, s)),
+            f"fpr_at_{round(tpr_level * 100)}_tpr": float(fpr[np.searchsorted(tpr, tpr_level, side="left")])}
+
+
+def roc_points(scores: np.ndarray, positive: np.ndarray, higher_is_positive: bool, n: int = 101) -> list[dict]:
+    """The ROC curve thinned to about `n` points (fpr, tpr) for a DVC plot."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(positive, scores if higher_is_positive else -np.asarray(scores), drop_intermediate=True)
+    idx = np.unique(np.linspace(0, len(fpr) - 1, min(n, len(fpr))).round().astype(int))
+    return [{"fpr": round(float(fpr[i]), 5), "tpr": round(float(tpr[i]), 5)} for i in idx]
+
+
+def risk_coverage(confidence: np.ndarray, correct: np.ndarray, n: int = 101) -> tuple[list[dict], float]:
+    """Selective risk vs coverage when abstaining on the least confident rows, and its area (AURC).
+
+    Returns:
+        ([{"coverage", "risk"}] at about `n` coverages, area under the risk-coverage curve)
+    """
+    order = np.argsort(-np.asarray(confidence), kind="stable")
+    errors = np.cumsum(~np.asarray(correct, dtype=bool)[order])
+    counts = np.arange(1, len(order) + 1)
+    risk = errors / counts
+    idx = np.unique(np.linspace(0, len(order) - 1, min(n, len(order))).round().astype(int))
+    points = [{"coverage": round(float(counts[i] / len(order)), 5), "risk": round(float(risk[i]), 5)} for i in idx]
+    return points, float(risk.mean())
+
+
+# --- serving -----------------------------------------------------------------------------------------------
+def postprocess(logits: np.ndarray, calibration: dict, embeddings: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Calibrated probabilities, out-of-scope flags and review flags from raw logits.
+
+    Args:
+        logits: (n, k) raw model outputs, columns in the bundle's label order.
+        calibration: `load_calibration(...)`: {"temperature", "ood": {"method", "threshold", "higher_is_ood",
+            ["stats"]}, "review": {"min_confidence", "min_margin"}, "oos_label"}.
+        embeddings: (n, d) L2-normalised sentence embeddings; needed only by "mahalanobis" and "knn".
+
+    Returns:
+        {"proba" (n, k) float32, "pred" (n,) top-1 index, "confidence" (n,), "margin" (n,) top1 − top2,
+         "ood_score" (n,), "out_of_scope" (n,) bool, "needs_review" (n,) bool (low confidence or ambiguous),
+         "reason" (n,) object: None, "out_of_distribution", "low_confidence" or "ambiguous" (first that applies)}
+    """
+    logits = np.asarray(logits)
+    temperature = float(calibration.get("temperature", 1.0))
+    proba = softmax(logits, temperature)
+    top2 = -np.sort(-proba, axis=1)[:, :2]
+    confidence = top2[:, 0]
+    margin = confidence - (top2[:, 1] if proba.shape[1] > 1 else 0.0)
+    ood = calibration.get("ood") or {}
+    if ood.get("method") and ood.get("threshold") is not None:
+        score = ood_scores(logits, ood, temperature, embeddings)
+        out_of_scope = is_ood(score, float(ood["threshold"]), bool(ood.get("higher_is_ood", HIGHER_IS_OOD[ood["method"]])))
+    else:
+        score, out_of_scope = np.full(len(logits), np.nan), np.zeros(len(logits), dtype=bool)
+    review = calibration.get("review") or {}
+    low = confidence < float(review.get("min_confidence", 0.0))
+    ambiguous = margin < float(review.get("min_margin", 0.0))
+    reason = np.full(len(logits), None, dtype=object)
+    # Assign in reverse priority so the most important reason wins.
+    reason[ambiguous] = "ambiguous"
+    reason[low] = "low_confidence"
+    reason[out_of_scope] = "out_of_distribution"
+    return {"proba": proba, "pred": proba.argmax(axis=1), "confidence": confidence, "margin": margin,
+            "ood_score": score, "out_of_scope": out_of_scope, "needs_review": low | ambiguous, "reason": reason}
+
+
+def load_calibration(path: str | os.PathLike) -> dict:
+    """Read calibration.json and, for embedding methods, its statistics (.npz named in "ood.stats_file")."""
+    path = Path(path)
+    calibration = json.loads(path.read_text(encoding="utf-8"))
+    ood = calibration.get("ood") or {}
+    if ood.get("method") in EMBEDDING_METHODS:
+        with np.load(path.parent / ood["stats_file"]) as npz:
+            ood["stats"] = {k: npz[k] for k in npz.files}
+    return calibration

@@ -1,0 +1,282 @@
+"""The HTTP API's pure parts: settings, bundle resolution, request checks, review flags, response rows.
+
+serving/app.py is the Ray Serve deployment over these; nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import copy
+import hmac
+import json
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from intentops.errors import UserError
+
+API_KEY_ENV = "INTENTOPS_API_KEY"
+PRODUCTION = "production"
+# Routes a load balancer or orchestrator probes without credentials.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+class RequestError(UserError):
+    """A bad request: `status` is the HTTP code, the body is {"error", "where", "fix"}."""
+
+    def __init__(self, status: int, what: str, where: str | None = None, fix: str | None = None):
+        self.status = status
+        super().__init__(what, where, fix)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.what, "where": self.where, "fix": self.fix}
+
+
+# --- request and response schemas (they are also the OpenAPI document at /docs) -------------------------
+class PredictRequest(BaseModel):
+    """One text or a list of texts; exactly one of the two."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": "my card has not arrived"}]})
+    text: str | None = None
+    texts: list[str] | None = None
+
+
+class TopK(BaseModel):
+    intent: str
+    confidence: float
+
+
+class Prediction(BaseModel):
+    prediction_id: str
+    intent: str
+    confidence: float
+    top_k: list[TopK]
+    needs_review: bool
+    review_reason: str | None = None
+    model_version: str
+
+
+class PredictResponse(BaseModel):
+    request_id: str
+    model_version: str
+    predictions: list[Prediction]
+
+
+class FeedbackRequest(BaseModel):
+    """A correction for a prediction the API returned; `feedback_id` makes a retry store nothing twice."""
+
+    model_config = ConfigDict(extra="forbid")
+    prediction_id: str = Field(min_length=1, max_length=128)
+    label: str = Field(min_length=1, max_length=128)
+    annotator: str = Field(default="api", min_length=1, max_length=128)
+    feedback_id: str | None = Field(default=None, min_length=1, max_length=128)
+
+
+class FeedbackResponse(BaseModel):
+    prediction_id: str
+    label: str
+    stored: bool = Field(description="false when the same feedback was already stored (an idempotent retry)")
+
+
+# --- settings ----------------------------------------------------------------------------------------------
+def merge_settings(defaults: Mapping[str, Any], user_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The `serving` params overridden by a deployment's user_config (nested keys merge, unknown keys fail)."""
+    out = copy.deepcopy(dict(defaults))
+    for key, value in (user_config or {}).items():
+        if key not in out:
+            raise UserError(f"unknown serving setting {key!r}", where="serving/config.yaml user_config",
+                            fix=f"use one of {sorted(out)} (conf/serving/default.yaml documents them)")
+        if isinstance(out[key], dict) and isinstance(value, Mapping):
+            out[key] = merge_settings(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def check_settings(s: Mapping[str, Any]) -> None:
+    """Refuse settings that cannot work, naming the key."""
+    positive = {"top_k": s["top_k"], "max_texts": s["max_texts"], "max_text_chars": s["max_text_chars"],
+                "batching.max_batch_size": s["batching"]["max_batch_size"], "num_threads": s["num_threads"]}
+    for key, value in positive.items():
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"serving.{key} must be a whole number >= 1, got {value!r}",
+                            where="serving/config.yaml user_config or conf/serving/default.yaml", fix="fix the value")
+    for key in ("batching.batch_wait_timeout_s", "watch_interval_s", "review.min_confidence", "review.min_margin"):
+        group, _, name = key.rpartition(".")
+        value = s[group][name] if group else s[name]
+        if not isinstance(value, int | float) or value < 0:
+            raise UserError(f"serving.{key} must be a number >= 0, got {value!r}",
+                            where="serving/config.yaml user_config or conf/serving/default.yaml", fix="fix the value")
+
+
+def resolve_bundle(bundle: str, registry_dir: str | os.PathLike, root: Path) -> tuple[Path, str | None]:
+    """(bundle folder, registry version or None). `production` follows the registry's pointer file."""
+    if bundle != PRODUCTION:
+        return (root / bundle).resolve(), None
+    registry = root / registry_dir
+    pointer = registry / PRODUCTION
+    version = pointer.read_text().strip() if pointer.is_file() else ""
+    if not version:
+        raise UserError("no production model: the registry pointer is missing or empty", where=str(pointer),
+                        fix="run the pipeline so that `promote` sets one, or set user_config.bundle to a bundle folder")
+    return (registry / version).resolve(), version
+
+
+def pointer_path(settings: Mapping[str, Any], root: Path) -> Path | None:
+    """The file the watcher polls; None when the bundle is a fixed folder."""
+    return root / settings["registry_dir"] / PRODUCTION if settings["bundle"] == PRODUCTION else None
+
+
+# --- the loaded model and what the API says about it -------------------------------------------------------
+@dataclass(frozen=True)
+class LoadedModel:
+    """A predictor with what the API reports about it; swapped as one reference."""
+
+    predictor: Any
+    bundle_dir: Path
+    version: str
+    card: dict
+    thresholds: dict
+    labels: frozenset[str] = field(repr=False)
+
+
+def read_json_file(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def model_version(predictor: Any, bundle_dir: Path, registry_version: str | None) -> str:
+    """The predictor's version, else the card's or bundle record's, else the registry or folder name."""
+    card = model_card(predictor, bundle_dir)
+    meta = getattr(predictor, "meta", None) or {}
+    for cand in (getattr(predictor, "version", None), card.get("version"), meta.get("version"), registry_version):
+        if cand:
+            return str(cand)
+    return bundle_dir.name
+
+
+def model_card(predictor: Any, bundle_dir: Path) -> dict:
+    """The predictor's card, else card.json in the bundle, else the bundle record without the label list."""
+    card = getattr(predictor, "card", None)
+    if card:
+        return dict(card)
+    card = read_json_file(bundle_dir / "card.json")
+    if card:
+        return card
+    return {k: v for k, v in (getattr(predictor, "meta", None) or {}).items() if k != "labels"}
+
+
+def review_thresholds(card: Mapping[str, Any], review: Mapping[str, Any]) -> dict[str, Any]:
+    """min_confidence and min_margin from the card's calibration when it has them, else the config's.
+
+    Reads `card["calibration"]["thresholds"]` (or `card["calibration"]`) keys min_confidence, min_margin.
+    """
+    calibration = card.get("calibration") or {}
+    calibrated = calibration.get("thresholds", calibration) if isinstance(calibration, Mapping) else {}
+    out: dict[str, Any] = {}
+    for key in ("min_confidence", "min_margin"):
+        value = calibrated.get(key) if isinstance(calibrated, Mapping) else None
+        out[key] = float(value) if isinstance(value, int | float) else float(review[key])
+    out["source"] = "bundle" if any(isinstance(calibrated.get(k), int | float) for k in ("min_confidence", "min_margin")) \
+        else "config"
+    return out
+
+
+# --- requests and responses ---------------------------------------------------------------------------------
+def request_texts(req: PredictRequest, max_texts: int, max_chars: int) -> list[str]:
+    """The texts of a predict request, or a RequestError (422 shape, 413 size)."""
+    if (req.text is None) == (req.texts is None):
+        raise RequestError(422, "give exactly one of `text` (a string) or `texts` (a list of strings)",
+                           where="request body", fix='send {"text": "..."} or {"texts": ["...", "..."]}')
+    texts = [req.text] if req.text is not None else list(req.texts or [])
+    if not texts:
+        raise RequestError(422, "`texts` is empty", where="request body: texts", fix="send at least one text")
+    if len(texts) > max_texts:
+        raise RequestError(413, f"{len(texts)} texts in one request; the limit is {max_texts}",
+                           where="request body: texts", fix=f"split the list into requests of at most {max_texts}")
+    for i, text in enumerate(texts):
+        where = "request body: text" if req.text is not None else f"request body: texts[{i}]"
+        if not text.strip():
+            raise RequestError(422, "empty text", where=where, fix="send the customer's message")
+        if len(text) > max_chars:
+            raise RequestError(413, f"text of {len(text)} characters; the limit is {max_chars}", where=where,
+                               fix=f"send at most {max_chars} characters (the first part of the message)")
+    return texts
+
+
+def review_reason(confidence: float, margin: float, thresholds: Mapping[str, float]) -> str | None:
+    """Why a prediction needs review (low_confidence, small_margin) or None."""
+    if confidence < thresholds["min_confidence"]:
+        return "low_confidence"
+    if margin < thresholds["min_margin"]:
+        return "small_margin"
+    return None
+
+
+def shape_predictions(raw: Sequence[Mapping[str, Any]], model: LoadedModel, top_k: int) -> list[dict[str, Any]]:
+    """Predictor output rows -> API rows with needs_review, a new prediction id and the model version.
+
+    `raw` must hold at least two top-k entries per row (the margin needs the runner-up). A predictor
+    that decides `needs_review` itself (a calibrated bundle) is followed.
+    """
+    rows = []
+    for r in raw:
+        top = r["top_k"]
+        margin = top[0]["confidence"] - top[1]["confidence"] if len(top) > 1 else top[0]["confidence"]
+        reason = review_reason(r["confidence"], margin, model.thresholds)
+        needs = bool(r["needs_review"]) if "needs_review" in r else reason is not None
+        rows.append({
+            "prediction_id": str(uuid.uuid4()),
+            "intent": r["intent"],
+            "confidence": float(r["confidence"]),
+            "top_k": [{"intent": t["intent"], "confidence": float(t["confidence"])} for t in top[:top_k]],
+            "needs_review": needs,
+            "review_reason": (reason or "model") if needs else None,
+            "model_version": model.version,
+            "margin": margin,
+        })
+    return rows
+
+
+def public_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A shaped row without the internal fields."""
+    return {k: v for k, v in row.items() if k != "margin"}
+
+
+def store_top_k(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Top-k in the review queue's shape: [{"intent", "score"}]."""
+    return [{"intent": t["intent"], "score": t["confidence"]} for t in row["top_k"]]
+
+
+def api_key_ok(headers: Sequence[tuple[bytes, bytes]], key: str) -> bool:
+    """True when the ASGI headers carry `key` as X-API-Key or `Authorization: Bearer <key>`."""
+    want = key.encode()
+    for name, value in headers:
+        if name == b"x-api-key" and hmac.compare_digest(value, want):
+            return True
+        if name == b"authorization" and value[:7].lower() == b"bearer " and hmac.compare_digest(value[7:].strip(), want):
+            return True
+    return False
+
+
+def import_app(root: Path) -> Any:
+    """Import <root>/serving/app.py as `serving.app`, as `serve run` does from the project root (its --app-dir).
+
+    Ray pickles the deployment by reference; replicas import `serving.app` from the driver's working
+    directory, which Ray puts on their path, so run from the project root.
+    """
+    import importlib
+    import importlib.util
+    import sys
+
+    if "serving" not in sys.modules:
+        pkg = root / "serving"
+        spec = importlib.util.spec_from_file_location("serving", pkg / "__init__.py",
+                                                      submodule_search_locations=[str(pkg)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["serving"] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module("serving.app")

@@ -1,0 +1,170 @@
+"""The export stage end to end on a tiny model trained here: ONNX bundle, parity with PyTorch, int8, card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+# The modelling tests' fixture data writer, so that every model test trains on the same small dataset.
+from model.conftest import SMALL, write_fixture_project
+
+TINY = [*SMALL, "model.max_epochs=15", "model.batch_size=32", "train.patience=15",
+        "export.batch_size=16", "export.latency_calls=5", "promote.latency_calls=10", "promote.warmup_calls=2",
+        "promote.n_boot=200", "promote.latency_budget_ms=1000"]
+
+
+def tiny_project(root: Path, overrides: list[str] = ()):
+    """A project folder (params.yaml, fixture data, a trained `minilm_head` bundle) at `root`; returns its cfg."""
+    from omegaconf import OmegaConf
+
+    from intentops.config import compose
+    from intentops.io import write_json
+    from intentops.train import train_from_config
+
+    cfg = compose([*TINY, *overrides])
+    root.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, root / "params.yaml")
+    write_fixture_project(root, cfg)
+    metrics = train_from_config(cfg, root / cfg.paths.model_dir, root / "work", root=root)
+    write_json(root / cfg.paths.train_metrics, metrics)
+    return cfg
+
+
+def set_params(root: Path, overrides: list[str]):
+    """Recompose params.yaml with more overrides, as `intentops params` would."""
+    from omegaconf import OmegaConf
+
+    from intentops.config import compose
+
+    cfg = compose([*TINY, *overrides])
+    OmegaConf.save(cfg, root / "params.yaml")
+    return cfg
+
+
+def run_stage(module, root: Path) -> None:
+    """Run a stage's real `main()` in-process from the project root (as `python -m intentops.<stage>` does)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        module.main()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    from intentops import export
+
+    root = tmp_path_factory.mktemp("export") / "repo"
+    cfg = tiny_project(root)
+    run_stage(export, root)
+    return root, cfg
+
+
+def test_bundle_contents(project):
+    from intentops.export import content_version
+
+    root, cfg = project
+    bundle = root / cfg.paths.bundle_dir
+    assert {p.name for p in bundle.iterdir()} == {"bundle.json", "model.onnx", "model.int8.onnx", "tokenizer.json",
+                                                 "tfidf.joblib", "labels.json", "calibration.json", "card.json"}
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["format"] == "onnx" and meta["version"] == content_version(bundle)
+    assert meta["variants"] == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+    torch_meta = json.loads((root / cfg.paths.model_dir / "bundle.json").read_text())
+    assert json.loads((bundle / "labels.json").read_text()) == torch_meta["labels"]
+    assert json.loads((bundle / "calibration.json").read_text()) == {
+        "temperature": 1.0, "min_confidence": cfg.export.min_confidence, "min_margin": cfg.export.min_margin}
+    tok = json.loads((bundle / "tokenizer.json").read_text())
+    assert tok["truncation"]["max_length"] == cfg.embed.max_seq_length
+    assert tok["padding"]["strategy"] == "BatchLongest"
+
+
+def test_one_onnx_graph_with_dynamic_axes(project):
+    import onnx
+
+    root, cfg = project
+    model = onnx.load(str(root / cfg.paths.bundle_dir / "model.onnx"))
+    onnx.checker.check_model(model)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert inputs["input_ids"] == inputs["attention_mask"] == ["batch", "sequence"]
+    assert inputs["tfidf"][0] == "batch" and inputs["tfidf"][1] > 0
+    assert [o.name for o in model.graph.output] == ["logits"]
+
+
+def test_parity_with_pytorch_on_the_test_rows(project):
+    from intentops.predictor import OnnxPredictor, Predictor, softmax
+
+    root, cfg = project
+    parity = json.loads((root / cfg.paths.export_parity).read_text())
+    assert parity["passed"] and parity["argmax_agreement"] == 1.0 and parity["n"] > 0
+    texts = pd.read_parquet(root / cfg.paths.test)["text"].tolist() + ["  padded  ", "x", "word " * 300]
+    torch_p = Predictor.load(root / cfg.paths.model_dir)
+    onnx_p = Predictor.load(root / cfg.paths.bundle_dir)
+    assert isinstance(onnx_p, OnnxPredictor) and onnx_p.labels == torch_p.labels
+    # Batches of mixed lengths (padding) and a text past max_seq_length (truncation) included.
+    np.testing.assert_allclose(softmax(onnx_p.logits(texts, batch_size=7)), torch_p.predict_proba(texts), atol=1e-4)
+
+
+def test_predict_api_for_serving(project, tmp_path):
+    from intentops.predictor import Predictor
+
+    root, cfg = project
+    bundle = root / cfg.paths.bundle_dir
+    p = Predictor.load(bundle)
+    out = p.predict(["my card was stolen", "hmm"], top_k=2)
+    assert [len(r["top_k"]) for r in out] == [2, 2] and all(isinstance(r["needs_review"], bool) for r in out)
+    assert out[0]["intent"] == "lost_or_stolen_card" and out[0]["confidence"] == out[0]["top_k"][0]["confidence"]
+    assert p.version == json.loads((bundle / "bundle.json").read_text())["version"] == p.card["version"]
+    assert p.predict_proba([]).shape == (0, len(p.labels))
+    # The temperature divides the logits: a hotter bundle is less confident, same ranking.
+    hot = tmp_path / "hot"
+    shutil.copytree(bundle, hot)
+    (hot / "calibration.json").write_text(json.dumps({"temperature": 3.0, "min_confidence": 0.99, "min_margin": 0}))
+    q = Predictor.load(hot).predict(["my card was stolen"])[0]
+    assert q["intent"] == out[0]["intent"] and q["confidence"] < out[0]["confidence"] and q["needs_review"]
+
+
+def test_int8_model_loads_predicts_and_is_reported(project):
+    from intentops.predictor import OnnxPredictor
+
+    root, cfg = project
+    int8 = OnnxPredictor.from_bundle(root / cfg.paths.bundle_dir, variant="int8", intra_op_num_threads=1)
+    assert int8.predict(["when will my card arrive"])[0]["intent"] == "card_arrival"
+    m = json.loads((root / cfg.paths.export_metrics).read_text())
+    for variant in ("torch", "fp32", "int8"):
+        assert 0 <= m[variant]["accuracy"] <= 1 and m[variant]["sentences_per_s"] > 0 and m[variant]["single_ms_p50"] > 0
+    assert m["int8"]["bytes"] < m["fp32"]["bytes"] / 2
+
+
+def test_card_fields(project):
+    from intentops.export import file_sha256
+
+    root, cfg = project
+    card = json.loads((root / cfg.paths.bundle_dir / "card.json").read_text())
+    assert card["version"] == json.loads((root / cfg.paths.bundle_dir / "bundle.json").read_text())["version"]
+    assert card["model"] == "minilm_head" and card["git_revision"] == "unknown"  # the temp project is no git repo
+    assert card["metrics"]["train"]["test"]["accuracy"] > 0.5 and card["metrics"]["parity"]["argmax_agreement"] == 1.0
+    assert card["metrics"]["eval"] == {}  # no evaluate report in this project
+    assert card["data"]["sha256"]["test"] == file_sha256(root / cfg.paths.test)
+    assert card["params"]["export"]["opset"] == cfg.export.opset and card["wandb"] is None
+
+
+def test_failed_parity_fails_the_stage_and_keeps_the_bundle(project):
+    from intentops import export
+
+    root, cfg = project
+    bundle = root / cfg.paths.bundle_dir
+    before = {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()}
+    set_params(root, ["export.parity_min_argmax_agreement=1.01", "export.quantize=false"])
+    try:
+        with pytest.raises(SystemExit) as exc:
+            run_stage(export, root)
+        assert exc.value.code == 2
+        assert not json.loads((root / cfg.paths.export_parity).read_text())["passed"]
+        assert {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()} == before
+    finally:
+        set_params(root, [])

@@ -1,0 +1,64 @@
+"""Pure functions of export, the ONNX Predictor's post-processing and promote's label mapping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from intentops.export import build_card, content_version, parity_report, read_calibration
+from intentops.predictor import needs_review, softmax
+from intentops.promote import label_ids
+
+
+def test_parity_report_passes_and_fails_on_each_criterion():
+    ref = np.array([[0.7, 0.3], [0.2, 0.8]], dtype=np.float32)
+    ok = parity_report(ref, ref + np.float32(1e-6), min_agreement=0.999, max_abs_diff=1e-4)
+    assert ok["passed"] and ok["argmax_agreement"] == 1.0 and ok["max_abs_prob_diff"] == pytest.approx(1e-6, rel=0.1)
+    drift = parity_report(ref, ref + np.array([[0.001, -0.001], [0, 0]], dtype=np.float32), 0.999, 1e-4)
+    assert not drift["passed"] and drift["argmax_agreement"] == 1.0
+    flipped = parity_report(ref, ref[:, ::-1], 0.5, 1.0)
+    assert not flipped["passed"] and flipped["argmax_disagreements"] == 2
+
+
+def test_content_version_covers_what_predicts_not_the_card(tmp_path):
+    for name, data in {"model.onnx": b"graph", "labels.json": b'["a"]', "calibration.json": b"{}",
+                       "card.json": b"{}"}.items():
+        (tmp_path / name).write_bytes(data)
+    v1 = content_version(tmp_path)
+    assert v1.startswith("m-") and len(v1) == 14
+    (tmp_path / "card.json").write_bytes(b'{"git_revision": "abc"}')
+    assert content_version(tmp_path) == v1
+    (tmp_path / "calibration.json").write_bytes(b'{"temperature": 1.5}')
+    assert content_version(tmp_path) != v1
+
+
+def test_softmax_temperature_flattens_without_changing_the_ranking():
+    logits = np.array([[2.0, 1.0, 0.0]], dtype=np.float32)
+    p1, p2 = softmax(logits), softmax(logits, temperature=2.0)
+    np.testing.assert_allclose(p1.sum(1), 1.0, rtol=1e-6)
+    assert p2[0, 0] < p1[0, 0] and (p2.argsort() == p1.argsort()).all()
+
+
+def test_needs_review_on_low_confidence_or_small_margin():
+    proba = np.array([[0.9, 0.05, 0.05], [0.45, 0.44, 0.11], [0.4, 0.1, 0.5], [0.6, 0.35, 0.05]])
+    assert needs_review(proba, 0.5, 0.1).tolist() == [False, True, True, False]
+    assert needs_review(proba, 0.0, 0.3).tolist() == [False, True, True, True]
+
+
+def test_label_ids_maps_unknown_champion_labels_to_an_extra_class():
+    assert label_ids(["b", "zzz", "a"], ["a", "b"]).tolist() == [1, 2, 0]
+
+
+def test_read_calibration_prefers_a_fitted_temperature(tmp_path):
+    assert read_calibration(tmp_path, {}) == {"temperature": 1.0}
+    assert read_calibration(tmp_path, {"temperature": 1.7}) == {"temperature": 1.7}
+    (tmp_path / "calibration.json").write_text('{"temperature": 1.3}')
+    assert read_calibration(tmp_path, {"temperature": 1.7}) == {"temperature": 1.3}
+
+
+def test_card_without_reports():
+    result = {"parity": {"argmax_agreement": 1.0, "max_abs_prob_diff": 1e-6},
+              "metrics": {"fp32": {"accuracy": 0.9, "macro_f1": 0.8, "sentences_per_s": 100.0, "bytes": 1}}}
+    card = build_card("m-1", {"train": None, "eval": None}, result, {"test": "ab"}, {"model": {"name": "x"}}, "unknown")
+    assert card["model"] == "x" and card["wandb"] is None and card["metrics"]["export"]["fp32"]["accuracy"] == 0.9
+    assert card["data"]["sha256"] == {"test": "ab"} and card["git_revision"] == "unknown"
