@@ -12,7 +12,7 @@ export WANDB_MODE ?= $(if $(WANDB_API_KEY),online,offline)
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run exp gate-status drift-check db-upgrade test test-all lint params lock clean
+.PHONY: help venv run exp gate-status drift-check db-upgrade serve serve-load test test-all lint params lock clean
 
 help: ## List every target
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,6 +43,13 @@ gate-status: $(STAMP) ## Read the promotion gate (missing = not promoted); for C
 	open(os.environ.get("GITHUB_OUTPUT") or os.devnull, "a").write(f"promoted={str(ok).lower()}\n"); \
 	open(os.environ.get("GITHUB_STEP_SUMMARY") or os.devnull, "a").write(f"## Promotion gate: {verdict}\n\n```json\n{json.dumps(g, indent=2)}\n```\n"); \
 	print(f"gate: {verdict} ({p})")' $(GATE)
+
+serve: $(STAMP) ## Serve the production model on 127.0.0.1:8000 (Ray Serve, foreground; Ctrl-C stops)
+	$(BIN)/intentops db upgrade
+	$(BIN)/serve run serving/config.yaml
+
+serve-load: $(STAMP) ## Load-test the API on loopback; prints one JSON line (benchmarks/serve_load.py)
+	$(BIN)/python benchmarks/serve_load.py
 
 drift-check: $(STAMP) ## Compare the latest serving profiles with the reference (exit 0 no drift, 10 drift, 2 error)
 	$(BIN)/intentops drift-check

@@ -142,6 +142,8 @@ class IntentService:
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")  # one model call at a time
         self._io_pool = ThreadPoolExecutor(2, thread_name_prefix="io")  # db writes, loads, profiles
         self._reload_lock = asyncio.Lock()
+        self._model_lock = asyncio.Lock()
+        self._pending: list[tuple[list[str], asyncio.Future]] = []
         self._tasks: list[asyncio.Task] = []
         self._pointer_seen: str | None = None
         self.m_predictions = MetricCounter("intentops_predictions", description="Predictions by intent.",
@@ -305,21 +307,51 @@ class IntentService:
         return await asyncio.get_running_loop().run_in_executor(self._io_pool, fn, *args)
 
     # --- inference ---------------------------------------------------------------------------------------
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    # max_concurrent_batches > 1: Serve closes a batch after batch_wait_timeout_s even while the model is
+    # busy, so under load it forms many small batches; letting them all reach `_infer` (instead of queueing
+    # on Serve's semaphore) lets the next model call take every text that arrived during the last one.
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=32)
     async def _predict_batch(self, texts: list[str]) -> list[tuple[dict, asyncio.Future | None, int]]:
-        """One model call for the texts of concurrent requests; each text gets (row, its batch's db write, batch size)."""
-        model = self.model  # one model for the whole batch, even if a swap happens meanwhile
+        """Texts of concurrent requests -> (row, the db write of its model call, that call's size) per text."""
+        return await self._infer(texts)
+
+    async def _infer(self, texts: list[str]) -> list[tuple[dict, asyncio.Future | None, int]]:
+        """Group commit: whoever gets the model next runs one call for every pending text (up to max_batch_size)."""
         loop = asyncio.get_running_loop()
+        mine = loop.create_future()
+        self._pending.append((texts, mine))
+        async with self._model_lock:
+            if not mine.done():
+                await self._run_pending(loop)
+        return await mine
+
+    async def _run_pending(self, loop: asyncio.AbstractEventLoop) -> None:
+        cap = self.settings["batching"]["max_batch_size"]
+        take, n = [], 0
+        while self._pending and (not take or n + len(self._pending[0][0]) <= cap):
+            item = self._pending.pop(0)
+            take.append(item)
+            n += len(item[0])
+        texts = [t for batch, _ in take for t in batch]
+        model = self.model  # one model for the whole call, even if a swap happens meanwhile
         k = self.settings["top_k"]
-        raw = await loop.run_in_executor(self._infer_pool, model.predictor.predict, texts, max(k, 2))
-        rows = shape_predictions(raw, model, k)
+        try:
+            raw = await loop.run_in_executor(self._infer_pool, model.predictor.predict, texts, max(k, 2))
+            rows = shape_predictions(raw, model, k)
+        except Exception as err:
+            for _, fut in take:
+                fut.set_exception(err)
+            return
         self._observe(model, rows)
         if self.profiles is not None:
             self._pending_features.append((texts, rows))
-        # The write runs while the next batch computes; each request awaits it before answering,
+        # The write runs while the next call computes; each request awaits it before answering,
         # so a returned prediction id is always known to /v1/feedback.
         written = loop.run_in_executor(self._io_pool, self._record, texts, rows) if self.engine is not None else None
-        return [(row, written, len(rows)) for row in rows]
+        pos = 0
+        for batch, fut in take:
+            fut.set_result([(row, written, len(rows)) for row in rows[pos:pos + len(batch)]])
+            pos += len(batch)
 
     def _record(self, texts: list[str], rows: list[dict]) -> None:
         from intentops.serve_ledger import record

@@ -106,7 +106,8 @@ def quantize(src: Path, dst: Path) -> None:
 
     root = logging.getLogger()
     level = root.level
-    root.setLevel(logging.WARNING)  # the quantiser logs every tensor it skips at INFO on the root logger
+    # The quantiser logs every tensor it skips (INFO) and advice on pre-processing (WARNING) on the root logger.
+    root.setLevel(logging.ERROR)
     try:
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
     finally:

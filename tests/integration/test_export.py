@@ -53,14 +53,26 @@ def run_stage(module, root: Path) -> None:
         module.main()
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def exported_project(tmp_path_factory, dest: Path):
+    """A copy, at `dest`, of a tiny project that has run `export`; built once per test session."""
+    from omegaconf import OmegaConf
+
     from intentops import export
 
+    base = tmp_path_factory.getbasetemp() / "tiny-exported"
+    if not (base / "done").is_file():
+        shutil.rmtree(base, ignore_errors=True)
+        tiny_project(base)
+        run_stage(export, base)
+        (base / "done").touch()
+    shutil.copytree(base, dest)
+    return OmegaConf.load(dest / "params.yaml")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("export") / "repo"
-    cfg = tiny_project(root)
-    run_stage(export, root)
-    return root, cfg
+    return root, exported_project(tmp_path_factory, root)
 
 
 def test_bundle_contents(project):
@@ -153,6 +165,7 @@ def test_card_fields(project):
     assert card["params"]["export"]["opset"] == cfg.export.opset and card["wandb"] is None
 
 
+@pytest.mark.slow
 def test_failed_parity_fails_the_stage_and_keeps_the_bundle(project):
     from intentops import export
 

@@ -57,6 +57,20 @@ feedback = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
 )
 
+# Every prediction id the API returned (never the text: needs_review texts go to the review queue),
+# so that /v1/feedback can tell a real id from a made-up one. Added in schema version 2.
+predictions = sa.Table(
+    "predictions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("prediction_id", sa.String(128), nullable=False, unique=True),
+    sa.Column("model_version", sa.String(128), nullable=False),
+    sa.Column("intent", sa.String(128), nullable=False),
+    sa.Column("confidence", sa.Float, nullable=False),
+    sa.Column("needs_review", sa.Boolean, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+)
+
 # One label per annotator per queue item (the labelling CLI).
 annotations = sa.Table(
     "annotations",
@@ -93,8 +107,12 @@ def _v1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[review_queue, feedback, annotations, adjudications])
 
 
+def _v2(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[predictions])
+
+
 # Migration N brings the schema from version N-1 to N. Append, never edit a released one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -302,7 +320,7 @@ def add_adjudication(engine: Engine, prediction_id: str, adjudicator: str, label
 
 
 def prune(engine: Engine, retention_days: int, now: datetime | None = None) -> dict[str, int]:
-    """Delete queue items (with their annotations and adjudications) and feedback older than the retention.
+    """Delete queue items (with their annotations and adjudications), feedback and prediction ids older than the retention.
 
     Returns:
         rows deleted per table.
@@ -327,6 +345,7 @@ def prune(engine: Engine, retention_days: int, now: datetime | None = None) -> d
                 review_queue.delete().where(review_queue.c.created_at < cutoff)
             ).rowcount,
             "feedback": conn.execute(feedback.delete().where(feedback.c.created_at < cutoff)).rowcount,
+            "predictions": conn.execute(predictions.delete().where(predictions.c.created_at < cutoff)).rowcount,
         }
 
 

@@ -1,0 +1,87 @@
+"""`calibrate` end to end on a tiny model trained without one intent (pseudo out-of-scope), plus DVC plots."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from model.conftest import SMALL, TEMPLATES, write_fixture_project
+from support import ROOT, run
+
+HELD_OUT = "exchange_rate"
+TINY = [*SMALL, "model.max_epochs=15", "model.batch_size=32", "train.patience=15"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project whose model never saw HELD_OUT; its val/test rows are relabelled "oos"."""
+    from omegaconf import OmegaConf
+
+    from intentops import calibrate
+    from intentops.config import compose
+    from intentops.io import write_json
+    from intentops.train import train_from_config
+
+    root = tmp_path_factory.mktemp("oos") / "repo"
+    root.mkdir()
+    cfg = compose([*TINY, "calibrate.target.oos_recall=0.6"])
+    OmegaConf.save(cfg, root / "params.yaml")
+    write_fixture_project(root, cfg)
+    for split in ("train", "val", "test"):
+        frame = pd.read_parquet(root / cfg.paths[split])
+        held = (frame["label"] == HELD_OUT).to_numpy()
+        if split == "train":
+            emb_path = root / cfg.paths.embeddings_dir / "train.npy"
+            np.save(emb_path, np.load(emb_path)[~held])
+            frame = frame[~held]
+        else:
+            frame.loc[held, "label"] = "oos"
+        frame.reset_index(drop=True).to_parquet(root / cfg.paths[split], index=False)
+    write_json(root / cfg.paths.taxonomy, {"labels": [x for x in TEMPLATES if x != HELD_OUT], "oos_label": "oos"})
+    train_from_config(cfg, root / cfg.paths.model_dir, root / "work", root=root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        calibrate.main()
+    return root, cfg
+
+
+@pytest.mark.slow
+def test_calibration_file_and_postprocess_contract(project):
+    from intentops.calibrate import predictor_logits
+    from intentops.ood import load_calibration, postprocess
+    from intentops.predictor import Predictor
+
+    root, cfg = project
+    cal = json.loads((root / cfg.paths.calibration).read_text())
+    assert cal["oos_label"] == "oos" and cal["temperature"] > 0
+    assert cal["ood"]["method"] == cfg.calibrate.method and isinstance(cal["ood"]["higher_is_ood"], bool)
+    assert cal["review"] == {"min_confidence": cfg.calibrate.review.min_confidence,
+                             "min_margin": cfg.calibrate.review.min_margin}
+    metrics = json.loads((root / cfg.paths.calibrate_metrics).read_text())
+    assert metrics["val"]["oos_recall"] >= 0.6
+    assert {"ece_before", "ece_after", "oos_auroc", "oos_fpr_at_95_tpr", "in_scope_accuracy"} <= set(metrics["test"])
+    # What serving does: logits from the bundle, then postprocess with the stage's file.
+    predictor = Predictor.load(root / cfg.paths.model_dir)
+    test = pd.read_parquet(root / cfg.paths.test)
+    logits = predictor_logits(predictor, test["text"].tolist())  # re-encodes: no embeddings passed
+    out = postprocess(logits, load_calibration(root / cfg.paths.calibration))
+    oos = (test["label"] == "oos").to_numpy()
+    assert out["out_of_scope"][oos].mean() == pytest.approx(metrics["test"]["oos_recall"], abs=0.02)
+    np.testing.assert_allclose(out["proba"].sum(axis=1), 1, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_dvc_plots_show_renders_calibrate_plots(project):
+    root, _ = project
+    shutil.copy2(ROOT / "dvc.yaml", root / "dvc.yaml")
+    run(["dvc", "init", "--no-scm", "-q"], root)
+    proc = run(["dvc", "plots", "show", "--json"], root)
+    shown = json.loads(proc.stdout)["data"]
+    for title, x, y in (("Risk-coverage", "coverage", "risk"), ("Out-of-scope ROC", "fpr", "tpr")):
+        (plot,) = [v for k, v in shown.items() if k.startswith(title)]
+        values = plot[0]["content"]["data"]["values"]
+        assert len(values) > 2 and {x, y} <= set(values[0]), f"{title}: {values[:2]}"
