@@ -251,13 +251,19 @@ def store_top_k(row: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{"intent": t["intent"], "score": t["confidence"]} for t in row["top_k"]]
 
 
-def api_key_ok(headers: Sequence[tuple[bytes, bytes]], key: str) -> bool:
-    """True when the ASGI headers carry `key` as X-API-Key or `Authorization: Bearer <key>`."""
-    want = key.encode()
+def api_key_ok(headers: Sequence[tuple[bytes, bytes]], keys: str) -> bool:
+    """True when the ASGI headers carry one of `keys` as X-API-Key or `Authorization: Bearer <key>`.
+
+    `keys` is comma-separated, so a rotation can accept the old and the new key for a while.
+    """
+    wanted = [k.strip().encode() for k in keys.split(",") if k.strip()]
     for name, value in headers:
-        if name == b"x-api-key" and hmac.compare_digest(value, want):
-            return True
-        if name == b"authorization" and value[:7].lower() == b"bearer " and hmac.compare_digest(value[7:].strip(), want):
+        if name == b"authorization" and value[:7].lower() == b"bearer ":
+            value = value[7:].strip()
+        elif name != b"x-api-key":
+            continue
+        # compare_digest against every key, so timing says nothing about which one matched
+        if sum(hmac.compare_digest(value, w) for w in wanted):
             return True
     return False
 
