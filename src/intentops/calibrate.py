@@ -168,7 +168,8 @@ def main() -> None:
     params = load_params()
     paths, cfg = params.paths, OmegaConf.to_container(params.calibrate, resolve=True)
     predictor = Predictor.load(paths.model_dir)
-    oos_label = read_json(paths.taxonomy).get("oos_label")
+    # The label serving emits for out-of-scope rows; Banking77 has none in its taxonomy, so "oos" as in CLINC150.
+    oos_label = read_json(paths.taxonomy).get("oos_label") or "oos"
     frames = {s: pd.read_parquet(paths[s]) for s in SPLITS}
     emb = {s: np.load(f"{paths.embeddings_dir}/{s}.npy") for s in SPLITS}
     for s in SPLITS:

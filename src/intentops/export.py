@@ -293,8 +293,13 @@ def main() -> None:
         encoder.max_seq_length = int(featurizer.max_seq_length)
 
     test, y, _ = encode_labels(pd.read_parquet(paths.test), predictor.labels)
-    calibration = {**read_calibration(model_dir, predictor.meta), "min_confidence": float(ecfg.min_confidence),
-                   "min_margin": float(ecfg.min_margin)}
+    # The `calibrate` stage's fit (temperature, review thresholds) wins over the train bundle and export's defaults.
+    fitted = read_json(paths.calibration) if Path(paths.calibration).is_file() else {}
+    review = fitted.get("review", {})
+    calibration = {**read_calibration(model_dir, predictor.meta),
+                   **({"temperature": float(fitted["temperature"])} if "temperature" in fitted else {}),
+                   "min_confidence": float(review.get("min_confidence", ecfg.min_confidence)),
+                   "min_margin": float(review.get("min_margin", ecfg.min_margin))}
     threads = int(ecfg.intra_op_num_threads or os.cpu_count() or 1)
     reports = {name: (read_json(p) if Path(p).is_file() else None)
                for name, p in (("train", paths.train_metrics), ("eval", paths.eval_metrics))}
