@@ -30,3 +30,17 @@ def test_missing_bundle_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="no model bundle"):
         Predictor.load(tmp_path)
+
+
+def test_refit_on_train_val_trains_on_both_and_keeps_selection_val(small_project, small_overrides, tmp_path):
+    import pandas as pd
+
+    root, cfg0 = small_project
+    cfg = compose(small_overrides + ["model.max_epochs=3", "train.refit_on_train_val=true"])
+    metrics = train_from_config(cfg, tmp_path / "bundle", tmp_path / "work", root=root)
+    n_train_val = sum(len(pd.read_parquet(root / cfg0.paths[s])) for s in ("train", "val"))
+    refit = metrics["refit_on_train_val"]
+    assert refit["epochs"] == metrics["best_epoch"] + 1 and refit["train_rows"] == n_train_val
+    assert 0.0 <= metrics["val"]["accuracy"] <= 1.0  # from the selection run, before val joined training
+    proba = Predictor.load(tmp_path / "bundle").predict_proba(["my card was stolen", "top up failed"])
+    assert proba.shape == (2, 5)
