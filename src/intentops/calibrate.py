@@ -40,24 +40,11 @@ def predictor_logits(predictor, texts: list[str], embeddings: np.ndarray | None 
                      batch_size: int = 512) -> np.ndarray:
     """Raw logits (n, k) from a loaded Predictor; `embeddings` skips re-encoding.
 
-    Uses `predictor.logits` where the predictor has one (the ONNX bundle); the torch Predictor exposes only
-    probabilities, so its featurizer and net are run here.
+    The ONNX Predictor runs its own encoder, so `embeddings` goes only to the torch one.
     """
-    if hasattr(predictor, "logits"):
+    if embeddings is None:
         return predictor.logits(texts)
-    import torch
-
-    from intentops.models.data import slice_batch
-
-    if not texts:
-        return np.zeros((0, len(predictor.labels)), dtype=np.float32)
-    features = predictor.featurizer.transform(texts, embeddings)
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            batch = slice_batch(features, np.arange(start, min(start + batch_size, len(texts))))
-            out.append(predictor.net(**batch).float().numpy())
-    return np.concatenate(out)
+    return predictor.logits(texts, batch_size=batch_size, embeddings=embeddings)
 
 
 def fit_ood_stats(method: str, train_emb: np.ndarray | None, train_y: np.ndarray, cfg: dict) -> dict[str, np.ndarray]:

@@ -76,9 +76,8 @@ class Predictor:
         (bundle_dir / BUNDLE_META).write_text(json.dumps(self.meta, indent=2) + "\n", encoding="utf-8")
 
     # --- inference ------------------------------------------------------------------------------------
-    def predict_proba(self, texts: Sequence[str], batch_size: int = 256,
-                      embeddings: np.ndarray | None = None) -> np.ndarray:
-        """Class probabilities, shape (n, k), rows in the order of `texts`.
+    def logits(self, texts: Sequence[str], batch_size: int = 256, embeddings: np.ndarray | None = None) -> np.ndarray:
+        """Raw logits, shape (n, k), rows in the order of `texts`.
 
         Args:
             embeddings: optional precomputed sentence embeddings for `texts` (skips re-encoding).
@@ -95,8 +94,13 @@ class Predictor:
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 batch = slice_batch(features, np.arange(start, min(start + batch_size, len(texts))))
-                out.append(torch.softmax(self.net(**batch).float(), dim=-1).numpy())
+                out.append(self.net(**batch).float().numpy())
         return np.concatenate(out)
+
+    def predict_proba(self, texts: Sequence[str], batch_size: int = 256,
+                      embeddings: np.ndarray | None = None) -> np.ndarray:
+        """Class probabilities, shape (n, k), rows in the order of `texts` (softmax of `logits`)."""
+        return softmax(self.logits(texts, batch_size, embeddings))
 
     def predict(self, texts: Sequence[str], top_k: int = 3) -> list[dict]:
         """[{"intent", "confidence", "top_k": [{"intent", "confidence"}, ...]}] per text."""
