@@ -30,9 +30,13 @@ WINDOW_GLOB = "window-*.bin"
 
 
 def import_whylogs() -> ModuleType:
-    """Import whylogs after aliasing `np.unicode_` (removed in NumPy 2) to `np.str_`."""
+    """Import whylogs after aliasing `np.unicode_` (removed in NumPy 2) to `np.str_`, with its telemetry off."""
+    import os
+
     import numpy as np
 
+    # whylogs reports usage to its vendor unless told not to; profiles of customer traffic stay here.
+    os.environ.setdefault("WHYLOGS_NO_ANALYTICS", "True")
     if "unicode_" not in np.__dict__:
         np.unicode_ = np.str_
     import whylogs
