@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from intentops.config import write_params
-from support import fixture_overrides, fixture_rows, make_project, run, to_csv, write_mirror
+from support import fixture_overrides, fixture_rows, make_project, run, sha256, to_csv, write_mirror
 
 STAGE = "split"  # the data part of the pipeline; modelling stages have their own tests
 
@@ -235,3 +235,28 @@ def test_bad_input_is_reported_clearly(project, tmp_path, monkeypatch, case):
     assert not (scratch / "data/processed").exists()
     if stage == "ingest":
         assert not (scratch / "data/interim").exists(), "a failed ingest must not half-write its outputs"
+
+
+def test_dvc_exp_run_composes_conf_with_overrides(project, tmp_path):
+    """`dvc exp run -S data=clinc150` recomposes params.yaml from conf/ (Hydra) and reruns the data stages."""
+    repo, _, _, _, _ = project
+    train, test = fixture_rows()
+    full = {"train": [list(r) for r in train], "val": [list(r) for r in test[:5]], "test": [list(r) for r in test[5:]],
+            "oos_train": [["what's the weather", "oos"]], "oos_val": [["play some jazz", "oos"]],
+            "oos_test": [["book a flight to rome", "oos"], ["tell me a joke", "oos"]]}
+    mirror = tmp_path / "mirror"
+    (mirror / "clinc150").mkdir(parents=True)
+    data = json.dumps(full).encode()
+    (mirror / "clinc150" / "data_full.json").write_bytes(data)
+    sets = ["data=clinc150", f"data.files.full.sha256={sha256(data)}", "validate.min_examples_per_class=5"]
+    proc = run(["dvc", "exp", "run", STAGE, *[a for s in sets for a in ("-S", s)]], repo,
+               {"INTENTOPS_DATA_MIRROR": str(mirror)})
+    assert "Running stage 'ingest'" in proc.stdout and "Ran experiment" in proc.stdout
+    split_stats = json.loads((repo / "reports/data/split.json").read_text())
+    assert split_stats["rows"]["test"] == len(test) - 5 + 2  # official test + oos_test, nothing carved
+    assert split_stats["dropped_oos_train"] == 1
+    import yaml
+
+    assert yaml.safe_load((repo / "params.yaml").read_text())["data"]["name"] == "clinc150"
+    diff = run(["dvc", "metrics", "diff", "--md"], repo)
+    assert "reports/data/split.json" in diff.stdout
