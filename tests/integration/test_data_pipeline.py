@@ -258,5 +258,8 @@ def test_dvc_exp_run_composes_conf_with_overrides(project, tmp_path):
     import yaml
 
     assert yaml.safe_load((repo / "params.yaml").read_text())["data"]["name"] == "clinc150"
+    # The retrain workflow's summary steps, on this experiment.
     diff = run(["dvc", "metrics", "diff", "--md"], repo)
     assert "reports/data/split.json" in diff.stdout
+    run(["dvc", "plots", "diff", "--out", str(tmp_path / "plots")], repo)
+    assert (tmp_path / "plots" / "index.html").is_file()
