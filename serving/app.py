@@ -185,7 +185,6 @@ class IntentService:
 
     def _open_store(self, params: Any) -> Any:
         from intentops.feedback import store
-        from intentops.serve_ledger import ensure_ledger
 
         if self.engine is not None:
             self.engine.dispose()
@@ -195,7 +194,7 @@ class IntentService:
         cfg = params.feedback.store
         engine = store.make_engine(store.db_url(self.root / s["db"]), busy_timeout_ms=cfg.busy_timeout_ms,
                                    pool_size=cfg.pool_size, max_overflow=cfg.max_overflow)
-        ensure_ledger(engine)
+        store.check_schema(engine)  # fail at start, with the fix, unless `intentops db upgrade` ran
         return engine
 
     def _open_profiles(self) -> None:

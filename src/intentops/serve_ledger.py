@@ -15,11 +15,6 @@ from sqlalchemy.engine import Engine
 from intentops.feedback import store
 
 
-def ensure_ledger(engine: Engine) -> None:
-    """Fail early, with the fix, unless the schema (predictions table included) is current."""
-    store.check_schema(engine)
-
-
 def record(engine: Engine, rows: Sequence[Mapping[str, Any]], review_items: Sequence[Mapping[str, Any]]) -> None:
     """Store a batch of API rows (shape of serve_api.shape_predictions) and queue the needs_review ones.
 

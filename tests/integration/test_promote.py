@@ -68,11 +68,7 @@ def test_promote_after_real_exports(tmp_path, capsys):
     run_stage(export, root)
     bad = bundle_version(root, cfg)
     run_stage(promote, root)
-    g = gate(root, cfg)
-    assert not g["promoted"] and g["challenger"] == bad and g["champion"] == v1
-    assert not g["checks"]["macro_f1"]["passed"] and not g["checks"]["per_intent_f1"]["passed"]
-    assert any("macro-F1" in r for r in g["reasons"]) and any("per-intent" in r for r in g["reasons"])
-    assert registry.production() == v1 and bad not in registry.versions()
+    check_shuffled_head_rejected(gate(root, cfg), registry, bad, v1)
 
     # 4. The original model with other review thresholds: a new version with the same predictions, promoted.
     (root / cfg.paths.model_dir / "net.pt").write_bytes(original)
@@ -91,6 +87,14 @@ def test_promote_after_real_exports(tmp_path, capsys):
 
     # 6. Rollback through the CLI: to the previous production version, then forward again by name.
     check_rollback_cli(root, registry, v1, v2, bad, capsys)
+
+
+def check_shuffled_head_rejected(g: dict, registry, bad: str, v1: str) -> None:
+    """A challenger with shuffled class rows fails macro-F1 and per-intent F1; production stays on v1."""
+    assert not g["promoted"] and g["challenger"] == bad and g["champion"] == v1
+    assert not g["checks"]["macro_f1"]["passed"] and not g["checks"]["per_intent_f1"]["passed"]
+    assert any("macro-F1" in r for r in g["reasons"]) and any("per-intent" in r for r in g["reasons"])
+    assert registry.production() == v1 and bad not in registry.versions()
 
 
 def check_rollback_cli(root, registry, v1: str, v2: str, bad: str, capsys) -> None:
@@ -169,11 +173,7 @@ def test_promote_gate_registry_and_rollback(tmp_path_factory, tmp_path, capsys):
     bad = derive_bundle(exported, tmp_path / "bad", shuffle_head=True)
     use_challenger(root, cfg, tmp_path / "bad")
     run_stage(promote, root)
-    g = gate(root, cfg)
-    assert not g["promoted"] and g["challenger"] == bad and g["champion"] == v1
-    assert not g["checks"]["macro_f1"]["passed"] and not g["checks"]["per_intent_f1"]["passed"]
-    assert any("macro-F1" in r for r in g["reasons"]) and any("per-intent" in r for r in g["reasons"])
-    assert registry.production() == v1 and bad not in registry.versions()
+    check_shuffled_head_rejected(gate(root, cfg), registry, bad, v1)
 
     v2 = derive_bundle(exported, tmp_path / "v2", calibration={"min_confidence": 0.9})
     use_challenger(root, cfg, tmp_path / "v2")
