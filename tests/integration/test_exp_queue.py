@@ -10,8 +10,14 @@ import pytest
 from support import fixture_overrides, make_project, run, write_mirror
 
 # The real config, shrunk for the fixture data (2 epochs, one thread, no W&B).
-TINY = ["logger=none", "model.max_epochs=2", "model.batch_size=32", "trainer.enable_progress_bar=false",
-        "train.inference_sample=8", "train.num_threads=1"]
+TINY = [
+    "logger=none",
+    "model.max_epochs=2",
+    "model.batch_size=32",
+    "trainer.enable_progress_bar=false",
+    "train.inference_sample=8",
+    "train.num_threads=1",
+]
 LRS = ("0.001", "0.03")
 
 
