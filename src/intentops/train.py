@@ -102,6 +102,17 @@ def make_module(mcfg: DictConfig, net_kwargs: dict):
                             label_smoothing=mcfg.get("label_smoothing", 0.0), scheduler=mcfg.get("scheduler"))
 
 
+def attach_memory(net, train_features: dict, train_ids: np.ndarray, net_kwargs: dict) -> dict:
+    """Give a head with a memory term (`knn_weight` > 0) its training rows; returns net_kwargs plus bank_size.
+
+    Called after training: the memory is a fixed part of the model, never trained, and would only see itself
+    on the training rows.
+    """
+    if not getattr(net, "knn_weight", 0) or not hasattr(net, "attach_memory"):
+        return net_kwargs
+    return {**net_kwargs, "bank_size": net.attach_memory(train_features["emb"], train_ids)}
+
+
 def train_from_config(cfg: DictConfig, bundle_dir: Path, work_dir: Path, root: Path = Path(".")) -> dict:
     """Train the model `cfg` describes on the data under `cfg.paths`, save its bundle, return its metrics.
 
@@ -165,6 +176,7 @@ def train_from_config(cfg: DictConfig, bundle_dir: Path, work_dir: Path, root: P
         module.load_state_dict(ckpt["state_dict"])
         best_epoch = int(ckpt["epoch"])
     best = module
+    saved_kwargs = attach_memory(best.net, features["train"], ids["train"], net_kwargs)
     val = trainer.validate(best, datamodule=dm, verbose=False)[0]
     test = trainer.test(best, datamodule=dm, verbose=False)[0]
     epochs_run = int(trainer.current_epoch)
@@ -188,13 +200,14 @@ def train_from_config(cfg: DictConfig, bundle_dir: Path, work_dir: Path, root: P
         t_fit = time.perf_counter()
         refit_trainer.fit(best, datamodule=dm)
         fit_s += time.perf_counter() - t_fit
+        saved_kwargs = attach_memory(best.net, features["train"], tv_ids["train"], net_kwargs)
         test = refit_trainer.test(best, datamodule=dm, verbose=False)[0]
         refit = {"epochs": best_epoch + 1, "train_rows": len(tv_ids["train"]),
                  "selection_run_test_accuracy": selection_test}
 
     predictor = Predictor(featurizer, best.net.cpu(), labels)
     net_config = OmegaConf.to_container(mcfg.net, resolve=True)
-    predictor.save(bundle_dir, net_config, net_kwargs, extra={"model": mcfg.name, "encoder": cfg.embed.model})
+    predictor.save(bundle_dir, net_config, saved_kwargs, extra={"model": mcfg.name, "encoder": cfg.embed.model})
     sample = rows["test"]["text"].tolist()[: int(tcfg.inference_sample)]
     metrics = {
         "model": mcfg.name,

@@ -106,3 +106,31 @@ def test_baseline_separates_clear_intents():
     test = pd.DataFrame({"text": ["stolen card", "top up did not work"], "label": ["lost", "topup"]})
     out = run_baseline(train, test, {"word_ngram": [1, 2], "char_ngram": [2, 4]}, C=1.0)
     assert out["test"]["accuracy"] == 1.0 and out["n_features"] > 0
+
+
+def test_head_memory_term_is_a_per_class_soft_nearest_neighbour_vote():
+    import torch
+    from scipy.special import logsumexp
+
+    from intentops.models.minilm_head import EmbTfidfHead
+
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(12, 8)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    labels = np.array([0, 0, 1, 1, 1, 2, 2, 2, 2, 0, 1, 2])
+    query = bank[[0, 5]] + 0.05 * rng.normal(size=(2, 8)).astype(np.float32)
+    head = EmbTfidfHead(emb_dim=8, tfidf_dim=3, n_classes=3, knn_weight=2.0, knn_tau=0.05)
+    tfidf = torch.zeros(2, 3)
+    plain = head(torch.from_numpy(query), tfidf)
+    assert head.attach_memory(bank, labels) == 12
+    with torch.no_grad():
+        got = head(torch.from_numpy(query), tfidf) - plain
+    sims = query @ bank.T / 0.05
+    expected = np.stack([0.05 * logsumexp(sims[:, labels == c], axis=1) for c in range(3)], axis=1)
+    np.testing.assert_allclose(got.numpy(), 2.0 * expected, rtol=1e-5, atol=1e-5)
+    assert got.numpy().argmax(1).tolist() == [0, 2]  # each query sits next to a row of its class
+    # A bundle records bank_size, so a fresh head of that size takes the saved state (buffers included).
+    fresh = EmbTfidfHead(emb_dim=8, tfidf_dim=3, n_classes=3, knn_weight=2.0, knn_tau=0.05, bank_size=12)
+    fresh.load_state_dict(head.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(torch.from_numpy(query), tfidf), head(torch.from_numpy(query), tfidf))
