@@ -102,15 +102,49 @@ def make_module(mcfg: DictConfig, net_kwargs: dict):
                             label_smoothing=mcfg.get("label_smoothing", 0.0), scheduler=mcfg.get("scheduler"))
 
 
-def attach_memory(net, train_features: dict, train_ids: np.ndarray, net_kwargs: dict) -> dict:
-    """Give a head with a memory term (`knn_weight` > 0) its training rows; returns net_kwargs plus bank_size.
+def memory_weight_scores(net, val_features: dict, val_ids: np.ndarray, grid: list[float],
+                         batch_size: int = 512) -> dict[float, float]:
+    """Val accuracy of `net` with its memory term at each weight in `grid` (the memory must be attached)."""
+    import torch
 
-    Called after training: the memory is a fixed part of the model, never trained, and would only see itself
-    on the training rows.
+    from intentops.models.data import slice_batch
+
+    base, memory = [], []
+    saved, net.knn_weight = net.knn_weight, 0.0
+    with torch.inference_mode():
+        for start in range(0, len(val_ids), batch_size):
+            batch = slice_batch(val_features, np.arange(start, min(start + batch_size, len(val_ids))))
+            base.append(net(**batch))
+            memory.append(net.memory_logits(batch["emb"]))
+    net.knn_weight = saved
+    base, memory = torch.cat(base), torch.cat(memory)  # (n, k) each
+    labels = torch.from_numpy(val_ids)
+    return {float(w): float(((base + w * memory).argmax(1) == labels).float().mean()) for w in grid}
+
+
+def fit_memory(net, features: dict, ids: dict, net_kwargs: dict, grid: list[float] | None,
+               weight: float | None = None) -> tuple[dict, dict | None]:
+    """Attach the training rows as the head's memory and pick its weight on val (after training, never trained).
+
+    Args:
+        grid: weights to try; the best val accuracy wins, ties going to the smaller weight. Empty: no memory.
+        weight: use this weight instead of choosing (the refit on train+val, whose val is training data).
+
+    Returns:
+        (net_kwargs for the bundle, with bank_size; {"weight", "val_accuracy": {weight: acc}} or None)
     """
-    if not getattr(net, "knn_weight", 0) or not hasattr(net, "attach_memory"):
-        return net_kwargs
-    return {**net_kwargs, "bank_size": net.attach_memory(train_features["emb"], train_ids)}
+    if not grid or not hasattr(net, "attach_memory"):
+        return net_kwargs, None
+    net.attach_memory(features["train"]["emb"], ids["train"])
+    scores = None
+    if weight is None:
+        scores = memory_weight_scores(net, features["val"], ids["val"], grid)
+        weight = max(sorted(scores), key=lambda w: scores[w])  # first (smallest) of the best
+    net.knn_weight = float(weight)
+    if not weight:  # no memory: keep the bundle small
+        net.attach_memory(np.zeros((0, features["train"]["emb"].shape[1]), np.float32), np.zeros(0, np.int64))
+    info = {"weight": float(weight), **({"val_accuracy": {str(w): a for w, a in scores.items()}} if scores else {})}
+    return {**net_kwargs, "bank_size": len(net.bank)}, info
 
 
 def train_from_config(cfg: DictConfig, bundle_dir: Path, work_dir: Path, root: Path = Path(".")) -> dict:
@@ -176,7 +210,8 @@ def train_from_config(cfg: DictConfig, bundle_dir: Path, work_dir: Path, root: P
         module.load_state_dict(ckpt["state_dict"])
         best_epoch = int(ckpt["epoch"])
     best = module
-    saved_kwargs = attach_memory(best.net, features["train"], ids["train"], net_kwargs)
+    grid = mcfg.get("knn_weight_grid")
+    saved_kwargs, memory = fit_memory(best.net, features, ids, net_kwargs, grid)
     val = trainer.validate(best, datamodule=dm, verbose=False)[0]
     test = trainer.test(best, datamodule=dm, verbose=False)[0]
     epochs_run = int(trainer.current_epoch)
@@ -200,13 +235,16 @@ def train_from_config(cfg: DictConfig, bundle_dir: Path, work_dir: Path, root: P
         t_fit = time.perf_counter()
         refit_trainer.fit(best, datamodule=dm)
         fit_s += time.perf_counter() - t_fit
-        saved_kwargs = attach_memory(best.net, features["train"], tv_ids["train"], net_kwargs)
+        saved_kwargs, _ = fit_memory(best.net, features, tv_ids, net_kwargs, grid,
+                                     weight=memory["weight"] if memory else None)
         test = refit_trainer.test(best, datamodule=dm, verbose=False)[0]
         refit = {"epochs": best_epoch + 1, "train_rows": len(tv_ids["train"]),
                  "selection_run_test_accuracy": selection_test}
 
     predictor = Predictor(featurizer, best.net.cpu(), labels)
     net_config = OmegaConf.to_container(mcfg.net, resolve=True)
+    if memory:
+        net_config["knn_weight"] = memory["weight"]
     predictor.save(bundle_dir, net_config, saved_kwargs, extra={"model": mcfg.name, "encoder": cfg.embed.model})
     sample = rows["test"]["text"].tolist()[: int(tcfg.inference_sample)]
     metrics = {
@@ -216,6 +254,7 @@ def train_from_config(cfg: DictConfig, bundle_dir: Path, work_dir: Path, root: P
         "best_epoch": best_epoch,
         "epochs_run": epochs_run,
         "refit_on_train_val": refit,
+        "memory": memory,
         "size": model_size(best.net, bundle_dir),
         "inference_ms_per_sentence": round(time_inference(predictor, sample), 3),
         "fit_seconds": round(fit_s, 2),
