@@ -134,3 +134,36 @@ def test_head_memory_term_is_a_per_class_soft_nearest_neighbour_vote():
     fresh.load_state_dict(head.state_dict())
     with torch.no_grad():
         assert torch.equal(fresh(torch.from_numpy(query), tfidf), head(torch.from_numpy(query), tfidf))
+
+
+def test_fit_memory_picks_the_weight_on_val_and_drops_an_unused_memory():
+    import torch
+
+    from intentops.models.minilm_head import EmbTfidfHead
+    from intentops.train import fit_memory
+
+    rng = np.random.default_rng(1)
+    centres = np.eye(3, 6, dtype=np.float32)
+    train_y, val_y = np.repeat(np.arange(3), 4), np.arange(3)
+    noise = lambda n: 0.1 * rng.normal(size=(n, 6)).astype(np.float32)  # noqa: E731
+    features = {split: {"emb": centres[y] + noise(len(y)), "tfidf": sp.csr_matrix(np.zeros((len(y), 2), np.float32))}
+                for split, y in (("train", train_y), ("val", val_y))}
+    ids = {"train": train_y, "val": val_y}
+    kwargs = {"emb_dim": 6, "tfidf_dim": 2, "n_classes": 3}
+
+    # A head that knows nothing (all logits equal): the memory alone sorts val out, so a weight > 0 wins.
+    blind = EmbTfidfHead(**kwargs)
+    torch.nn.init.zeros_(blind.layers[-1].weight), torch.nn.init.zeros_(blind.layers[-1].bias)
+    saved, info = fit_memory(blind, features, ids, kwargs, [0.0, 1.0, 5.0])
+    assert info["weight"] == 1.0  # 1 and 5 both reach 100 %: the smaller wins
+    assert info["val_accuracy"]["1.0"] == 1.0 and saved["bank_size"] == 12 and blind.knn_weight == 1.0
+
+    # A head already right on val gains nothing: weight 0, and the memory is not kept in the bundle.
+    right = EmbTfidfHead(**kwargs, emb_scale=1.0)
+    with torch.no_grad():
+        right.layers[-1].weight.zero_()
+        right.layers[-1].weight[:, :6] = torch.from_numpy(10 * centres)
+        right.layers[-1].bias.zero_()
+    saved, info = fit_memory(right, features, ids, kwargs, [0.0, 1.0])
+    assert info["weight"] == 0.0 and saved["bank_size"] == 0 and len(right.bank) == 0
+    assert fit_memory(right, features, ids, kwargs, []) == (kwargs, None)  # no grid: no memory
