@@ -6,10 +6,12 @@ intentops.serve_api and intentops.serve_ledger.
 """
 
 import asyncio
+import json
 import logging
 import os
+import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from intentops.errors import UserError
@@ -36,10 +38,9 @@ from intentops.serve_api import (
     model_card,
     model_version,
     pointer_path,
-    public_row,
     request_texts,
     resolve_bundle,
-    review_thresholds,
+    serving_calibration,
     shape_predictions,
     store_top_k,
 )
@@ -97,9 +98,10 @@ class Guard:
             self.errors.inc(tags={"route": route, "status": str(status)})
         if path in OPEN_PATHS:
             return  # probes every few seconds would drown the log
-        fields = {"method": scope["method"], "path": route, "status": status, "latency_ms": round(ms, 2),
-                  **{k: v for k, v in info.items() if k != "status"}}
-        log.info("%s %s %s %.1fms", scope["method"], route, status, ms, extra={"ray_serve_extra_fields": fields})
+        info["method"], info["path"], info["latency_ms"] = scope["method"], route, round(ms, 2)
+        # The JSON file only: Serve would also format the line for stderr, which Ray's log monitor then tails.
+        log.info("%s %s %s %.1fms", scope["method"], route, status, ms,
+                 extra={"ray_serve_extra_fields": info, "log_to_stderr": False})
 
 
 api.add_middleware(Guard)
@@ -133,12 +135,15 @@ class IntentService:
         from ray.serve.metrics import Counter as MetricCounter
         from ray.serve.metrics import Histogram
 
+        # The model thread runs Python between ONNX calls (TF-IDF, post-processing, the ledger write) while the
+        # event loop answers requests; a 1 ms GIL switch interval (default 5 ms) lets the loop in sooner.
+        sys.setswitchinterval(0.001)
         self.root = Path(os.environ.get(ROOT_ENV) or os.getcwd()).resolve()
         self.model: LoadedModel | None = None
         self.settings: dict[str, Any] = {}
         self.engine = None
         self.profiles = self.vocab = None
-        self._pending_features: list[tuple[list[str], list[dict]]] = []
+        self._pending_features: deque[tuple[list[str], list[dict]]] = deque()  # appended by the model thread
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")  # one model call at a time
         self._io_pool = ThreadPoolExecutor(2, thread_name_prefix="io")  # db writes, loads, profiles
         self._reload_lock = asyncio.Lock()
@@ -178,7 +183,8 @@ class IntentService:
             await self._run_io(self._open_profiles)
         model = self.model
         target, _ = resolve_bundle(settings["bundle"], settings["registry_dir"], self.root)
-        stale = model is None or model.bundle_dir != target or settings["review"] != old.get("review")
+        stale = model is None or model.bundle_dir != target or any(
+            settings[k] != old.get(k) for k in ("review", "variant", "num_threads"))
         if stale:
             await self.reload(force=True)
         self._start_tasks()
@@ -244,14 +250,18 @@ class IntentService:
 
         from intentops.predictor import Predictor
 
-        torch.set_num_threads(self.settings["num_threads"])
-        predictor = Predictor.load(bundle_dir)
-        predictor.predict(["warm up"], top_k=2)  # lazy parts (encoders, sessions) load now, not on a request
+        threads = self.settings["num_threads"]
+        torch.set_num_threads(threads)
+        predictor = Predictor.load(bundle_dir, threads=threads, variant=self.settings["variant"])
+        # The bundle's calibration decides out-of-scope; the config's review thresholds fill in what it lacks.
+        predictor.calibration, thresholds = serving_calibration(predictor.calibration, self.settings["review"])
+        # Lazy parts (sessions, arenas for a full batch) are set up now, not on a request.
+        for n in (1, self.settings["batching"]["max_batch_size"]):
+            predictor.predict(["warm up"] * n, top_k=self.settings["top_k"])
         card = model_card(predictor, bundle_dir)
         return LoadedModel(predictor=predictor, bundle_dir=bundle_dir,
                            version=model_version(predictor, bundle_dir, registry_version), card=card,
-                           thresholds=review_thresholds(card, self.settings["review"]),
-                           labels=frozenset(predictor.labels))
+                           thresholds=thresholds, labels=frozenset(predictor.labels))
 
     def _start_tasks(self) -> None:
         if not self._tasks:
@@ -280,7 +290,9 @@ class IntentService:
             await self._run_io(self._write_profiles, self._take_features())
 
     def _take_features(self) -> list[tuple[list[str], list[dict]]]:
-        pending, self._pending_features = self._pending_features, []
+        pending, queue = [], self._pending_features
+        while queue:  # popleft is atomic: a row the model thread appends meanwhile waits for the next flush
+            pending.append(queue.popleft())
         return pending
 
     def _flush_profiles(self) -> None:
@@ -309,22 +321,21 @@ class IntentService:
     # max_concurrent_batches > 1: Serve closes a batch after batch_wait_timeout_s even while the model is
     # busy, so under load it forms many small batches; letting them all reach `_infer` (instead of queueing
     # on Serve's semaphore) lets the next model call take every text that arrived during the last one.
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=32)
-    async def _predict_batch(self, texts: list[str]) -> list[tuple[dict, asyncio.Future | None, int]]:
-        """Texts of concurrent requests -> (row, the db write of its model call, that call's size) per text."""
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=32)
+    async def _predict_batch(self, texts: list[str]) -> list[tuple[dict, dict]]:
+        """Texts of concurrent requests -> (API row, facts about the model call that served it) per text."""
         return await self._infer(texts)
 
-    async def _infer(self, texts: list[str]) -> list[tuple[dict, asyncio.Future | None, int]]:
+    async def _infer(self, texts: list[str]) -> list[tuple[dict, dict]]:
         """Group commit: whoever gets the model next runs one call for every pending text (up to max_batch_size)."""
-        loop = asyncio.get_running_loop()
-        mine = loop.create_future()
+        mine = asyncio.get_running_loop().create_future()
         self._pending.append((texts, mine))
         async with self._model_lock:
             if not mine.done():
-                await self._run_pending(loop)
+                await self._run_pending()
         return await mine
 
-    async def _run_pending(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _run_pending(self) -> None:
         cap = self.settings["batching"]["max_batch_size"]
         take, n = [], 0
         while self._pending and (not take or n + len(self._pending[0][0]) <= cap):
@@ -332,63 +343,70 @@ class IntentService:
             take.append(item)
             n += len(item[0])
         texts = [t for batch, _ in take for t in batch]
-        model = self.model  # one model for the whole call, even if a swap happens meanwhile
-        k = self.settings["top_k"]
         try:
-            raw = await loop.run_in_executor(self._infer_pool, model.predictor.predict, texts, max(k, 2))
-            rows = shape_predictions(raw, model, k)
+            # One hop to the model thread per call: model, rows, metrics and the ledger write all happen there.
+            rows, call = await asyncio.get_running_loop().run_in_executor(
+                self._infer_pool, self._call, self.model, texts)  # one model for the whole call, even mid-swap
         except Exception as err:
             for _, fut in take:
                 fut.set_exception(err)
             return
-        self._observe(model, rows)
-        if self.profiles is not None:
-            self._pending_features.append((texts, rows))
-        # The write runs while the next call computes; each request awaits it before answering,
-        # so a returned prediction id is always known to /v1/feedback.
-        written = loop.run_in_executor(self._io_pool, self._record, texts, rows) if self.engine is not None else None
         pos = 0
         for batch, fut in take:
-            fut.set_result([(row, written, len(rows)) for row in rows[pos:pos + len(batch)]])
+            fut.set_result([(row, call) for row in rows[pos:pos + len(batch)]])
             pos += len(batch)
 
-    def _record(self, texts: list[str], rows: list[dict]) -> None:
-        from intentops.serve_ledger import record
+    def _call(self, model: LoadedModel, texts: list[str]) -> tuple[list[dict], dict]:
+        """One model call (in the model thread): rows with ids, metrics, profile features, then the ledger write.
 
-        review = [{"prediction_id": r["prediction_id"], "text": t, "model_version": r["model_version"],
-                   "suggested_intent": r["intent"], "top_k": store_top_k(r), "confidence": r["confidence"],
-                   "reason": r["review_reason"]} for t, r in zip(texts, rows, strict=True) if r["needs_review"]]
-        record(self.engine, rows, review)
+        The write finishes before any of these requests is answered, so a returned prediction id is always
+        known to /v1/feedback.
+        """
+        t0 = time.perf_counter()
+        rows = shape_predictions(model.predictor.predict(texts, top_k=self.settings["top_k"]), model.version)
+        t1 = time.perf_counter()
+        self._observe(model.version, rows)
+        if self.profiles is not None:
+            self._pending_features.append((texts, rows))
+        if self.engine is not None:
+            from intentops.serve_ledger import record
 
-    def _observe(self, model: LoadedModel, rows: list[dict]) -> None:
-        version = model.version
+            record(self.engine, texts, rows)
+        t2 = time.perf_counter()
+        return rows, {"batch_size": len(rows), "model_ms": round((t1 - t0) * 1000, 2),
+                      "record_ms": round((t2 - t1) * 1000, 2)}
+
+    def _observe(self, version: str, rows: list[dict]) -> None:
+        """Metrics for one model call, counted per call (one increment per intent and per reason)."""
         self.m_batch.observe(len(rows))
         for intent, n in Counter(r["intent"] for r in rows).items():
             self.m_predictions.inc(n, tags={"intent": intent, "model_version": version})
-        for reason, n in Counter(r["review_reason"] for r in rows if r["needs_review"]).items():
+        for reason, n in Counter(r["reason"] for r in rows if r["reason"] is not None).items():
             self.m_review.inc(n, tags={"reason": reason, "model_version": version})
+        tags = {"model_version": version}
         for r in rows:
-            self.m_confidence.observe(r["confidence"], tags={"model_version": version})
+            self.m_confidence.observe(r["confidence"], tags=tags)
 
     # --- routes ----------------------------------------------------------------------------------------------
     @api.post("/v1/predict", response_model=PredictResponse, responses={413: {}, 422: {}})
-    async def predict(self, body: PredictRequest, request: Request) -> JSONResponse:
-        """Intent, confidence, top-k and needs_review for each text, with a prediction id for /v1/feedback."""
+    async def predict(self, body: PredictRequest, request: Request) -> Response:
+        """Intent, confidence, top-k and out-of-scope flags for each text, with a prediction id for /v1/feedback."""
         s = self.settings
         texts = request_texts(body, s["max_texts"], s["max_text_chars"])
         if len(texts) == 1:
             results = [await self._predict_batch(texts[0])]
-        else:
-            results = await asyncio.gather(*(self._predict_batch(t) for t in texts))
-        for write in {id(w): w for _, w, _ in results if w is not None}.values():
-            await write
-        rows = [public_row(r) for r, _, _ in results]
-        info = request.scope.get("intentops", {})
-        info.update(model_version=rows[0]["model_version"], n_texts=len(rows),
-                    needs_review=sum(r["needs_review"] for r in rows),
-                    batch_size=max(n for _, _, n in results))
-        return JSONResponse({"request_id": _request_id(), "model_version": rows[0]["model_version"],
-                             "predictions": rows})
+        else:  # a list is a batch already: it joins the next model call whole, with whatever else is pending
+            results = await self._infer(texts)
+        rows = [r for r, _ in results]
+        call = max((c for _, c in results), key=lambda c: c["batch_size"])
+        version = rows[0]["model_version"]
+        flagged = sum(r["out_of_scope"] for r in rows)
+        info = request.scope.get("intentops")
+        if info is not None:
+            info.update(model_version=version, n_texts=len(rows), out_of_scope=flagged, **call)
+        body = json.dumps({"request_id": _request_id(), "model_version": version, "predictions": rows},
+                          separators=(",", ":"))
+        return Response(body, media_type="application/json")
 
     @api.post("/v1/feedback", response_model=FeedbackResponse, status_code=201, responses={404: {}, 422: {}})
     async def feedback(self, body: FeedbackRequest) -> JSONResponse:

@@ -3,12 +3,14 @@ versioned, self-describing bundle that `Predictor.load` serves, after a parity c
 
 Bundle layout (paths.bundle_dir):
     bundle.json        format "onnx", version, graph inputs, model variants, ONNX Runtime settings
-    model.onnx         fp32 graph: input_ids, attention_mask (b, L) int64, tfidf (b, V) float32 -> logits (b, k)
+    model.onnx         fp32 graph: input_ids, attention_mask (b, L) int64, tfidf (b, V) float32 -> logits (b, k),
+                       embedding (b, 384) (the normalised sentence embedding, for kNN/Mahalanobis out-of-scope)
     model.int8.onnx    the same with dynamic int8 weights (export.quantize)
     tokenizer.json     the encoder's `tokenizers` tokenizer, set to truncate at max_seq_length, pad to the longest
     tfidf.joblib       the fitted sklearn TF-IDF union (sklearn computes it at serving time too)
     labels.json        intent names, index i = logit i
-    calibration.json   temperature, min_confidence, min_margin
+    calibration.json   temperature, out-of-scope method + threshold, review thresholds (models/calibration.json)
+    ood_stats.npz      the statistics an embedding out-of-scope method needs (mahalanobis, knn); absent otherwise
     card.json          model card: version, metrics, data hashes, params, git revision, W&B run
 """
 
@@ -29,6 +31,7 @@ from omegaconf import OmegaConf
 from intentops.config import load_params
 from intentops.errors import UserError, cli_entry
 from intentops.io import atomic_path, read_json, write_json
+from intentops.ood import load_calibration
 from intentops.predictor import (
     BUNDLE_META,
     CALIBRATION_FILE,
@@ -43,8 +46,9 @@ from intentops.predictor import (
 log = logging.getLogger(__name__)
 
 INT8_FILE = "model.int8.onnx"
+OOD_STATS_FILE = "ood_stats.npz"
 # The files that decide what the bundle predicts; the card (git revision, timings) is left out of the version.
-VERSIONED_FILES = (ONNX_FILE, INT8_FILE, TOKENIZER_FILE, TFIDF_FILE, LABELS_FILE, CALIBRATION_FILE)
+VERSIONED_FILES = (ONNX_FILE, INT8_FILE, TOKENIZER_FILE, TFIDF_FILE, LABELS_FILE, CALIBRATION_FILE, OOD_STATS_FILE)
 EXPORTABLE_MODELS = ("minilm_head",)
 
 
@@ -70,14 +74,15 @@ def build_graph(predictor: Predictor, encoder):
             super().__init__()
             self.bert, self.head = bert, head
 
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tfidf: torch.Tensor) -> torch.Tensor:
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    tfidf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # Token types are all 0 for single sentences, as sentence-transformers feeds them.
             hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
                                token_type_ids=torch.zeros_like(input_ids)).last_hidden_state  # (b, L, 384)
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (b, L, 1)
             emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (b, 384), sentence-transformers' mean
             emb = nn.functional.normalize(emb, p=2, dim=1)
-            return self.head(emb, tfidf)  # (b, k)
+            return self.head(emb, tfidf), emb  # logits (b, k), embedding (b, 384)
 
     return EncoderHead(encoder[0].auto_model, predictor.net).eval()
 
@@ -89,12 +94,12 @@ def export_onnx(graph, path: Path, tfidf_dim: int, opset: int) -> None:
     ids = torch.ones(2, 8, dtype=torch.long)
     example = (ids, torch.ones_like(ids), torch.zeros(2, tfidf_dim))
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-            "tfidf": {0: "batch"}, "logits": {0: "batch"}}
+            "tfidf": {0: "batch"}, "logits": {0: "batch"}, "embedding": {0: "batch"}}
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         # The TorchScript exporter: the dynamo one needs onnxscript, which this project does not install.
         warnings.simplefilter("ignore")
         torch.onnx.export(graph, example, str(path), dynamo=False, input_names=["input_ids", "attention_mask", "tfidf"],
-                          output_names=["logits"], dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
+                          output_names=["logits", "embedding"], dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
 
 
 def quantize(src: Path, dst: Path) -> None:
@@ -168,14 +173,15 @@ def scores(proba: np.ndarray, y: np.ndarray) -> dict:
 
 def run_export(predictor: Predictor, encoder, encoder_dir: Path, out: Path, texts: list[str], y: np.ndarray,
                opset: int = 17, quantize_int8: bool = True, calibration: dict | None = None,
-               session: dict | None = None, batch_size: int = 64, latency_calls: int = 100,
-               min_agreement: float = 0.999, max_abs_diff: float = 1e-4) -> dict:
+               ood_stats: dict[str, np.ndarray] | None = None, session: dict | None = None, batch_size: int = 64,
+               latency_calls: int = 100, min_agreement: float = 0.999, max_abs_diff: float = 1e-4) -> dict:
     """Write the ONNX bundle into the new folder `out`, check its parity with `predictor` and time it.
 
     Args:
         predictor: the trained torch Predictor (model minilm_head).
         encoder: its SentenceTransformer, loaded from `encoder_dir` with the featurizer's max_seq_length.
         texts, y: the test split and its label ids (in predictor.labels order).
+        calibration, ood_stats: what `bundle_calibration` returns (calibration.json and ood_stats.npz).
 
     Returns:
         {"version", "parity", "metrics"}; the card is left to the caller (it needs paths and config).
@@ -195,12 +201,14 @@ def run_export(predictor: Predictor, encoder, encoder_dir: Path, out: Path, text
     write_tokenizer(encoder_dir, out / TOKENIZER_FILE, int(encoder.max_seq_length))
     joblib.dump(predictor.featurizer.vectorizer, out / TFIDF_FILE)
     write_json(out / LABELS_FILE, predictor.labels)
-    write_json(out / CALIBRATION_FILE, {"temperature": 1.0, "min_confidence": 0.0, "min_margin": 0.0,
-                                        **(calibration or {})})
+    write_json(out / CALIBRATION_FILE, calibration or {"temperature": 1.0, "ood": {}})
+    if ood_stats:
+        with open(out / OOD_STATS_FILE, "wb") as fh:  # np.savez would add ".npz" to a name without it
+            np.savez(fh, **ood_stats)
     version = content_version(out)
     write_json(out / BUNDLE_META, {
         "format": "onnx", "version": version, "model": predictor.meta.get("model"), "model_file": ONNX_FILE,
-        "variants": variants, "inputs": ["input_ids", "attention_mask", "tfidf"], "outputs": ["logits"],
+        "variants": variants, "inputs": ["input_ids", "attention_mask", "tfidf"], "outputs": ["logits", "embedding"],
         "opset": opset, "max_seq_length": int(encoder.max_seq_length), "session": session or {}})
 
     def uncalibrated(onnx: OnnxPredictor):
@@ -248,12 +256,47 @@ def read_calibration(model_dir: Path, meta: dict) -> dict:
     return {"temperature": float(fitted.get("temperature", meta.get("temperature", 1.0)))}
 
 
+def bundle_calibration(fitted: dict, train_temperature: float, review_defaults: dict) -> tuple[dict, dict]:
+    """The bundle's calibration.json and out-of-scope statistics from the `calibrate` stage's fit.
+
+    Args:
+        fitted: `ood.load_calibration(models/calibration.json)` (arrays under ood.stats), or {} without one.
+        train_temperature: the train bundle's temperature, used when nothing was fitted.
+        review_defaults: min_confidence and min_margin (export params) for a fit without review thresholds.
+
+    Returns:
+        (calibration in `ood.postprocess`'s shape, {name: array} for ood_stats.npz; empty for logit methods)
+    """
+    ood = dict(fitted.get("ood") or {})
+    stats = ood.pop("stats", None) or {}
+    ood.pop("stats_file", None)
+    if stats:
+        ood["stats_file"] = OOD_STATS_FILE
+    review = fitted.get("review") or {}
+    calibration = {"temperature": float(fitted.get("temperature", train_temperature)), "ood": ood,
+                   "review": {k: float(review.get(k, review_defaults[k])) for k in ("min_confidence", "min_margin")},
+                   "oos_label": fitted.get("oos_label")}
+    return calibration, stats
+
+
+def card_calibration(calibration: dict) -> dict:
+    """What the model card says about calibration and out-of-scope detection (no arrays)."""
+    ood = calibration.get("ood") or {}
+    return {"temperature": calibration.get("temperature", 1.0),
+            "out_of_scope": {k: ood[k] for k in ("method", "threshold", "higher_is_ood", "target", "k") if k in ood}
+            | {"stats_file": ood.get("stats_file")},
+            "review": calibration.get("review", {}), "oos_label": calibration.get("oos_label"),
+            "reasons": "out_of_distribution (the out-of-scope score is past the threshold), else low_confidence "
+                       "(calibrated top-1 < review.min_confidence), else ambiguous (top1 - top2 < review.min_margin)"}
+
+
 def build_card(version: str, reports: dict[str, dict | None], export_result: dict, data_sha256: dict[str, str],
-               params: dict, git_rev: str) -> dict:
+               params: dict, git_rev: str, calibration: dict | None = None) -> dict:
     """The model card: what was exported, from which data, code and config, and how well it does.
 
     Args:
         reports: the train and eval metrics json (None when a report is missing).
+        calibration: the bundle's calibration.json (temperature, out-of-scope method and threshold, review).
     """
     train, evaluate = reports.get("train") or {}, reports.get("eval") or {}
     m = export_result["metrics"]
@@ -261,6 +304,7 @@ def build_card(version: str, reports: dict[str, dict | None], export_result: dic
         "version": version,
         "model": train.get("model") or params.get("model", {}).get("name"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "calibration": card_calibration(calibration or {}),
         "metrics": {"train": {k: train[k] for k in ("val", "test", "size") if k in train},
                     "eval": evaluate.get("test", {}),
                     "export": {v: {k: m[v][k] for k in ("accuracy", "macro_f1", "sentences_per_s", "single_ms_p50")
@@ -293,26 +337,25 @@ def main() -> None:
         encoder.max_seq_length = int(featurizer.max_seq_length)
 
     test, y, _ = encode_labels(pd.read_parquet(paths.test), predictor.labels)
-    # The `calibrate` stage's fit (temperature, review thresholds) wins over the train bundle and export's defaults.
-    fitted = read_json(paths.calibration) if Path(paths.calibration).is_file() else {}
-    review = fitted.get("review", {})
-    calibration = {**read_calibration(model_dir, predictor.meta),
-                   **({"temperature": float(fitted["temperature"])} if "temperature" in fitted else {}),
-                   "min_confidence": float(review.get("min_confidence", ecfg.min_confidence)),
-                   "min_margin": float(review.get("min_margin", ecfg.min_margin))}
+    # The `calibrate` stage's fit (temperature, out-of-scope method and threshold, review thresholds) wins over
+    # the train bundle's temperature and export's review defaults.
+    fitted = load_calibration(paths.calibration) if Path(paths.calibration).is_file() else {}
+    calibration, ood_stats = bundle_calibration(
+        fitted, read_calibration(model_dir, predictor.meta)["temperature"],
+        {"min_confidence": ecfg.min_confidence, "min_margin": ecfg.min_margin})
     threads = int(ecfg.intra_op_num_threads or os.cpu_count() or 1)
     reports = {name: (read_json(p) if Path(p).is_file() else None)
                for name, p in (("train", paths.train_metrics), ("eval", paths.eval_metrics))}
     data_sha = {s: file_sha256(paths[s]) for s in ("train", "val", "test") if Path(paths[s]).is_file()}
     with atomic_path(paths.bundle_dir) as tmp:
         result = run_export(predictor, encoder, encoder_dir, tmp, test["text"].tolist(), y, opset=int(ecfg.opset),
-                            quantize_int8=bool(ecfg.quantize), calibration=calibration,
+                            quantize_int8=bool(ecfg.quantize), calibration=calibration, ood_stats=ood_stats,
                             session={"intra_op_num_threads": threads}, batch_size=int(ecfg.batch_size),
                             latency_calls=int(ecfg.latency_calls),
                             min_agreement=float(ecfg.parity_min_argmax_agreement),
                             max_abs_diff=float(ecfg.parity_max_abs_prob_diff))
         card = build_card(result["version"], reports, result, data_sha, OmegaConf.to_container(cfg, resolve=True),
-                          git_revision())
+                          git_revision(), calibration)
         write_json(tmp / CARD_FILE, card)
         write_json(paths.export_parity, {"version": result["version"], **result["parity"]})
         parity = result["parity"]

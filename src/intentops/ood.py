@@ -240,11 +240,25 @@ def postprocess(logits: np.ndarray, calibration: dict, embeddings: np.ndarray | 
             "ood_score": score, "out_of_scope": out_of_scope, "needs_review": low | ambiguous, "reason": reason}
 
 
+def normalize_calibration(raw: dict) -> dict:
+    """A calibration record in `postprocess`'s shape.
+
+    Bundles exported before the `calibrate` stage kept min_confidence/min_margin at the top level and had
+    no out-of-scope method; those keys move under "review" and "ood" stays empty.
+    """
+    out = {k: v for k, v in raw.items() if k not in ("min_confidence", "min_margin")}
+    legacy = {k: raw[k] for k in ("min_confidence", "min_margin") if k in raw}
+    if legacy and "review" not in raw:
+        out["review"] = legacy
+    out.setdefault("ood", {})
+    return out
+
+
 def load_calibration(path: str | os.PathLike) -> dict:
     """Read calibration.json and, for embedding methods, its statistics (.npz named in "ood.stats_file")."""
     path = Path(path)
-    calibration = json.loads(path.read_text(encoding="utf-8"))
-    ood = calibration.get("ood") or {}
+    calibration = normalize_calibration(json.loads(path.read_text(encoding="utf-8")))
+    ood = calibration["ood"]
     if ood.get("method") in EMBEDDING_METHODS:
         with np.load(path.parent / ood["stats_file"]) as npz:
             ood["stats"] = {k: npz[k] for k in npz.files}

@@ -87,8 +87,10 @@ def test_bundle_contents(project):
     assert meta["variants"] == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
     torch_meta = json.loads((root / cfg.paths.model_dir / "bundle.json").read_text())
     assert json.loads((bundle / "labels.json").read_text()) == torch_meta["labels"]
+    # No `calibrate` output in this project: temperature 1, export's review thresholds, no out-of-scope method.
     assert json.loads((bundle / "calibration.json").read_text()) == {
-        "temperature": 1.0, "min_confidence": cfg.export.min_confidence, "min_margin": cfg.export.min_margin}
+        "temperature": 1.0, "ood": {}, "oos_label": None,
+        "review": {"min_confidence": cfg.export.min_confidence, "min_margin": cfg.export.min_margin}}
     tok = json.loads((bundle / "tokenizer.json").read_text())
     assert tok["truncation"]["max_length"] == cfg.embed.max_seq_length
     assert tok["padding"]["strategy"] == "BatchLongest"
@@ -104,7 +106,7 @@ def test_one_onnx_graph_with_dynamic_axes(project):
     inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     assert inputs["input_ids"] == inputs["attention_mask"] == ["batch", "sequence"]
     assert inputs["tfidf"][0] == "batch" and inputs["tfidf"][1] > 0
-    assert [o.name for o in model.graph.output] == ["logits"]
+    assert [o.name for o in model.graph.output] == ["logits", "embedding"]
 
 
 def test_parity_with_pytorch_on_the_test_rows(project):
@@ -138,6 +140,7 @@ def test_predict_api_for_serving(project, tmp_path):
     (hot / "calibration.json").write_text(json.dumps({"temperature": 3.0, "min_confidence": 0.99, "min_margin": 0}))
     q = Predictor.load(hot).predict(["my card was stolen"])[0]
     assert q["intent"] == out[0]["intent"] and q["confidence"] < out[0]["confidence"] and q["needs_review"]
+    assert (q["out_of_scope"], q["reason"]) == (True, "low_confidence")  # an older bundle's flat calibration
 
 
 def test_int8_model_loads_predicts_and_is_reported(project):
@@ -181,3 +184,43 @@ def test_failed_parity_fails_the_stage_and_keeps_the_bundle(project):
         assert {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()} == before
     finally:
         set_params(root, [])
+
+
+def test_fitted_out_of_scope_calibration_travels_in_the_bundle(tmp_path_factory):
+    """models/calibration.json (the `calibrate` stage's kNN fit + its .npz) -> bundle, card and Predictor.predict."""
+    from intentops import export
+    from intentops.io import write_json
+    from intentops.ood import choose_threshold
+    from intentops.predictor import Predictor
+
+    root = tmp_path_factory.mktemp("export-ood") / "repo"
+    cfg = exported_project(tmp_path_factory, root)
+    train_emb = np.load(root / cfg.paths.embeddings_dir / "train.npy")
+    bank = train_emb.astype(np.float16)
+    with open(root / cfg.paths.calibration_stats, "wb") as fh:
+        np.savez(fh, bank=bank)
+    val_emb = np.load(root / cfg.paths.embeddings_dir / "val.npy")
+    from intentops.ood import knn_score
+
+    scores = knn_score(val_emb, bank, k=3)
+    threshold = choose_threshold(scores, np.zeros(len(scores), bool), np.ones(len(scores), bool), True,
+                                 {"coverage": 0.95})
+    write_json(root / cfg.paths.calibration, {
+        "temperature": 1.5, "oos_label": "oos", "review": {"min_confidence": 0.2, "min_margin": 0.0},
+        "ood": {"method": "knn", "threshold": threshold, "higher_is_ood": True, "k": 3,
+                "target": {"coverage": 0.95}, "stats_file": cfg.paths.calibration_stats.rsplit("/", 1)[-1]}})
+    run_stage(export, root)
+
+    bundle = root / cfg.paths.bundle_dir
+    cal = json.loads((bundle / "calibration.json").read_text())
+    assert cal["ood"] == {"method": "knn", "threshold": threshold, "higher_is_ood": True, "k": 3,
+                          "target": {"coverage": 0.95}, "stats_file": "ood_stats.npz"}
+    assert cal["temperature"] == 1.5 and cal["review"] == {"min_confidence": 0.2, "min_margin": 0.0}
+    card = json.loads((bundle / "card.json").read_text())
+    assert card["calibration"]["out_of_scope"]["method"] == "knn"
+    assert card["calibration"]["out_of_scope"]["threshold"] == threshold
+    # The bundle alone scores out-of-scope: the graph's embedding output against the shipped kNN bank.
+    p = Predictor.load(bundle)
+    inside, outside = p.predict(["my card was stolen", "what is the weather like in paris tomorrow"])
+    assert (inside["out_of_scope"], inside["reason"]) == (False, None)
+    assert (outside["out_of_scope"], outside["reason"]) == (True, "out_of_distribution")

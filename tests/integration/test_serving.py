@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+import pandas as pd
 import pytest
 
 from support import ROOT
@@ -108,9 +110,10 @@ def test_predict_one_text_and_a_list(client):
     body = r.json()
     assert body["model_version"] == "v1" and body["request_id"]
     (p,) = body["predictions"]
-    assert p["intent"] == "card_arrival" and p["needs_review"] is False and p["review_reason"] is None
+    assert p["intent"] == "card_arrival" and p["out_of_scope"] is False and p["reason"] is None
+    assert p["needs_review"] is False
     assert len(p["top_k"]) == 3 and p["top_k"][0]["confidence"] == p["confidence"] > 0.9
-    assert set(p) == {"prediction_id", "intent", "confidence", "top_k", "needs_review", "review_reason",
+    assert set(p) == {"prediction_id", "intent", "confidence", "top_k", "out_of_scope", "reason", "needs_review",
                       "model_version"}
     r = predict(client, {"texts": ["lost my card", "exchange rate?", "pin blocked"]})
     preds = r.json()["predictions"]
@@ -246,7 +249,7 @@ def test_hot_swap_under_traffic_fails_nothing(served):
     # v2 is unsure of everything: its predictions need review, and their texts reach the queue.
     with httpx.Client(base_url=base, timeout=30, headers=AUTH) as c:
         p = c.post("/v1/predict", json={"text": "review me please"}).json()["predictions"][0]
-        assert p["needs_review"] is True and p["review_reason"] == "low_confidence"
+        assert p["needs_review"] is p["out_of_scope"] is True and p["reason"] == "low_confidence"
         assert c.get("/v1/model").json()["version"] == "v2"
     from intentops.feedback import store
 
@@ -254,6 +257,7 @@ def test_hot_swap_under_traffic_fails_nothing(served):
     queued = {i["prediction_id"]: i for i in store.queue_items(engine)}
     engine.dispose()
     assert queued[p["prediction_id"]]["text"] == "review me please"
+    assert queued[p["prediction_id"]]["reason"] == "low_confidence"
     assert all(i["model_version"] == "v2" for i in queued.values())
 
 
@@ -266,3 +270,63 @@ def test_profiles_hold_features_never_text(served):
         windows = sorted((served[1] / "profiles").glob("window-*.bin"))
     assert windows
     assert all(b"where is my card" not in w.read_bytes() for w in windows)
+
+
+@pytest.fixture(scope="module")
+def oos_app(served, tmp_path_factory):
+    """(url prefix, queue db) of a second app on the same Serve instance: the tiny trained and exported model
+    (test_export's project), its bundle calibrated for energy-based out-of-scope detection."""
+    from ray import serve
+
+    from integration.test_export import exported_project
+    from intentops.io import write_json
+    from intentops.ood import choose_threshold, energy_score
+    from intentops.predictor import Predictor
+    from intentops.serve_api import import_app
+
+    root = tmp_path_factory.mktemp("oos") / "repo"
+    cfg = exported_project(tmp_path_factory, root)
+    bundle = root / cfg.paths.bundle_dir
+    # What `calibrate` does for a dataset without out-of-scope rows: keep 95 % of the in-scope validation
+    # rows (target_without_oos: coverage), flag what scores beyond them.
+    val = pd.read_parquet(root / cfg.paths.val)["text"].tolist()
+    scores = energy_score(Predictor.load(bundle).logits(val))
+    threshold = choose_threshold(scores, np.zeros(len(val), bool), np.ones(len(val), bool), True, {"coverage": 0.95})
+    write_json(bundle / "calibration.json", {
+        "temperature": 1.0, "ood": {"method": "energy", "threshold": threshold, "higher_is_ood": True},
+        "review": {"min_confidence": 0.0, "min_margin": 0.0}, "oos_label": "oos"})
+    user_config = {"bundle": str(bundle), "watch_interval_s": 0, "store": {"record_predictions": True,
+                                                                           "db": str(served[1] / "queue.db")},
+                   "monitoring": {"enabled": False}}
+    service = import_app(ROOT).IntentService.options(
+        name="IntentServiceOOS", user_config=user_config,
+        ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {"INTENTOPS_ROOT": str(ROOT)}}},
+        logging_config={"encoding": "JSON", "enable_access_log": False})
+    serve.run(service.bind(), name="oos", route_prefix="/oos")
+    try:
+        yield f"{served[0]}/oos", served[1] / "queue.db"
+    finally:
+        serve.delete("oos")
+
+
+def test_out_of_scope_queries_are_flagged_with_a_reason_and_queued(oos_app):
+    """An in-scope message is routed; a clearly out-of-domain one comes back out_of_scope and goes to the queue."""
+    from intentops.feedback import store
+
+    url, db = oos_app
+    with httpx.Client(base_url=url, timeout=60) as c:
+        card = c.get("/v1/model").json()
+        r = c.post("/v1/predict", json={"texts": ["my card was stolen", "what is the weather like in paris tomorrow"]})
+    assert r.status_code == 200, r.text
+    assert card["thresholds"]["out_of_scope"]["method"] == "energy"
+    inside, outside = r.json()["predictions"]
+    assert (inside["intent"], inside["out_of_scope"], inside["reason"]) == ("lost_or_stolen_card", False, None)
+    assert (outside["out_of_scope"], outside["reason"], outside["needs_review"]) == (True, "out_of_distribution", True)
+    engine = store.make_engine(f"sqlite:///{db}")
+    queued = {i["prediction_id"]: i for i in store.queue_items(engine)}
+    recorded = {r["prediction_id"]: r for r in store.table_rows(engine, store.predictions)}
+    engine.dispose()
+    assert inside["prediction_id"] not in queued and recorded[inside["prediction_id"]]["needs_review"] is False
+    item = queued[outside["prediction_id"]]
+    assert (item["text"], item["reason"]) == ("what is the weather like in paris tomorrow", "out_of_distribution")
+    assert item["suggested_intent"] == outside["intent"] and recorded[outside["prediction_id"]]["needs_review"]

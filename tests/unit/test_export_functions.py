@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from intentops.export import build_card, content_version, parity_report, read_calibration
-from intentops.predictor import needs_review, softmax
+from intentops.export import (
+    OOD_STATS_FILE,
+    build_card,
+    bundle_calibration,
+    content_version,
+    parity_report,
+    read_calibration,
+)
+from intentops.ood import load_calibration, normalize_calibration
+from intentops.predictor import softmax
 from intentops.promote import label_ids
 
 
@@ -39,10 +49,30 @@ def test_softmax_temperature_flattens_without_changing_the_ranking():
     assert p2[0, 0] < p1[0, 0] and (p2.argsort() == p1.argsort()).all()
 
 
-def test_needs_review_on_low_confidence_or_small_margin():
-    proba = np.array([[0.9, 0.05, 0.05], [0.45, 0.44, 0.11], [0.4, 0.1, 0.5], [0.6, 0.35, 0.05]])
-    assert needs_review(proba, 0.5, 0.1).tolist() == [False, True, True, False]
-    assert needs_review(proba, 0.0, 0.3).tolist() == [False, True, True, True]
+def test_bundle_calibration_carries_the_fitted_method_threshold_and_review(tmp_path):
+    fitted = {"temperature": 1.4, "oos_label": "oos", "review": {"min_confidence": 0.6},
+              "ood": {"method": "energy", "threshold": -7.5, "higher_is_ood": True, "stats_file": "x.npz", "k": 10}}
+    cal, stats = bundle_calibration(fitted, 1.0, {"min_confidence": 0.5, "min_margin": 0.1})
+    assert stats == {} and cal == {"temperature": 1.4, "oos_label": "oos",
+                                   "review": {"min_confidence": 0.6, "min_margin": 0.1},
+                                   "ood": {"method": "energy", "threshold": -7.5, "higher_is_ood": True, "k": 10}}
+    # No calibrate stage output: the train bundle's temperature, export's review defaults, no OOS method.
+    cal, _ = bundle_calibration({}, 1.2, {"min_confidence": 0.5, "min_margin": 0.1})
+    assert cal["temperature"] == 1.2 and cal["ood"] == {} and cal["review"] == {"min_confidence": 0.5, "min_margin": 0.1}
+    # Embedding methods: the statistics travel in the bundle under a fixed name that load_calibration follows.
+    bank = np.eye(3, dtype=np.float16)
+    cal, stats = bundle_calibration({"ood": {"method": "knn", "threshold": 0.3, "stats": {"bank": bank}}}, 1.0,
+                                    {"min_confidence": 0.5, "min_margin": 0.1})
+    assert cal["ood"]["stats_file"] == OOD_STATS_FILE and list(stats) == ["bank"]
+    (tmp_path / "calibration.json").write_text(json.dumps(cal))
+    with open(tmp_path / OOD_STATS_FILE, "wb") as fh:
+        np.savez(fh, **stats)
+    np.testing.assert_array_equal(load_calibration(tmp_path / "calibration.json")["ood"]["stats"]["bank"], bank)
+
+
+def test_legacy_bundle_calibration_is_normalised():
+    assert normalize_calibration({"temperature": 2.0, "min_confidence": 0.5, "min_margin": 0.1}) == {
+        "temperature": 2.0, "review": {"min_confidence": 0.5, "min_margin": 0.1}, "ood": {}}
 
 
 def test_label_ids_maps_unknown_champion_labels_to_an_extra_class():
@@ -62,3 +92,10 @@ def test_card_without_reports():
     card = build_card("m-1", {"train": None, "eval": None}, result, {"test": "ab"}, {"model": {"name": "x"}}, "unknown")
     assert card["model"] == "x" and card["wandb"] is None and card["metrics"]["export"]["fp32"]["accuracy"] == 0.9
     assert card["data"]["sha256"] == {"test": "ab"} and card["git_revision"] == "unknown"
+    assert card["calibration"]["out_of_scope"] == {"stats_file": None}  # no calibration: nothing flagged OOS
+    cal = {"temperature": 1.3, "ood": {"method": "energy", "threshold": -7.5, "higher_is_ood": True},
+           "review": {"min_confidence": 0.5, "min_margin": 0.1}, "oos_label": "oos"}
+    card = build_card("m-1", {}, result, {}, {}, "unknown", cal)
+    assert card["calibration"]["out_of_scope"] == {"method": "energy", "threshold": -7.5, "higher_is_ood": True,
+                                                   "stats_file": None}
+    assert card["calibration"]["temperature"] == 1.3 and card["calibration"]["review"] == cal["review"]
