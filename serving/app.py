@@ -61,11 +61,17 @@ class Guard:
 
         self.app = asgi_app
         self.key = os.environ.get(API_KEY_ENV) or None
-        self.latency = Histogram("intentops_request_latency_ms", description="Request latency in the replica (ms).",
-                                 boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000],
-                                 tag_keys=("route",))
-        self.errors = MetricCounter("intentops_request_errors", description="Responses with status >= 400.",
-                              tag_keys=("route", "status"))
+        self.latency = Histogram(
+            "intentops_request_latency_ms",
+            description="Request latency in the replica (ms).",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000],
+            tag_keys=("route",),
+        )
+        self.errors = MetricCounter(
+            "intentops_request_errors",
+            description="Responses with status >= 400.",
+            tag_keys=("route", "status"),
+        )
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -82,9 +88,15 @@ class Guard:
 
         try:
             if self.key and path not in OPEN_PATHS and not api_key_ok(scope["headers"], self.key):
-                await JSONResponse({"error": "missing or wrong API key", "where": "X-API-Key or Authorization header",
-                                    "fix": "send the key as `X-API-Key: <key>` or `Authorization: Bearer <key>`"},
-                                   status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send_status)
+                await JSONResponse(
+                    {
+                        "error": "missing or wrong API key",
+                        "where": "X-API-Key or Authorization header",
+                        "fix": "send the key as `X-API-Key: <key>` or `Authorization: Bearer <key>`",
+                    },
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )(scope, receive, send_status)
             else:
                 await self.app(scope, receive, send_status)
         finally:
@@ -100,8 +112,14 @@ class Guard:
             return  # probes every few seconds would drown the log
         info["method"], info["path"], info["latency_ms"] = scope["method"], route, round(ms, 2)
         # The JSON file only: Serve would also format the line for stderr, which Ray's log monitor then tails.
-        log.info("%s %s %s %.1fms", scope["method"], route, status, ms,
-                 extra={"ray_serve_extra_fields": info, "log_to_stderr": False})
+        log.info(
+            "%s %s %s %.1fms",
+            scope["method"],
+            route,
+            status,
+            ms,
+            extra={"ray_serve_extra_fields": info, "log_to_stderr": False},
+        )
 
 
 api.add_middleware(Guard)
@@ -116,8 +134,14 @@ async def _request_error(_: Request, err: RequestError) -> JSONResponse:
 async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
     first = err.errors()[0] if err.errors() else {}
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "request body"
-    return JSONResponse({"error": f"invalid request: {first.get('msg', 'bad body')}", "where": where,
-                         "fix": "send a JSON body as documented at /docs"}, status_code=422)
+    return JSONResponse(
+        {
+            "error": f"invalid request: {first.get('msg', 'bad body')}",
+            "where": where,
+            "fix": "send a JSON body as documented at /docs",
+        },
+        status_code=422,
+    )
 
 
 def _request_id() -> str:
@@ -151,17 +175,30 @@ class IntentService:
         self._pending: list[tuple[list[str], asyncio.Future]] = []
         self._tasks: list[asyncio.Task] = []
         self._pointer_seen: str | None = None
-        self.m_predictions = MetricCounter("intentops_predictions", description="Predictions by intent.",
-                                           tag_keys=("intent", "model_version"))
-        self.m_review = MetricCounter("intentops_needs_review", description="Predictions flagged needs_review.",
-                                      tag_keys=("reason", "model_version"))
-        self.m_confidence = Histogram("intentops_confidence", description="Top-1 confidence.",
-                                      boundaries=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
-                                      tag_keys=("model_version",))
-        self.m_batch = Histogram("intentops_batch_size", description="Texts per model call.",
-                                 boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
-        self.m_reloads = MetricCounter("intentops_model_reloads", description="Model loads by outcome.",
-                                       tag_keys=("outcome",))
+        self.m_predictions = MetricCounter(
+            "intentops_predictions",
+            description="Predictions by intent.",
+            tag_keys=("intent", "model_version"),
+        )
+        self.m_review = MetricCounter(
+            "intentops_needs_review",
+            description="Predictions flagged needs_review.",
+            tag_keys=("reason", "model_version"),
+        )
+        self.m_confidence = Histogram(
+            "intentops_confidence",
+            description="Top-1 confidence.",
+            boundaries=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
+            tag_keys=("model_version",),
+        )
+        self.m_batch = Histogram(
+            "intentops_batch_size",
+            description="Texts per model call.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
+        )
+        self.m_reloads = MetricCounter(
+            "intentops_model_reloads", description="Model loads by outcome.", tag_keys=("outcome",)
+        )
 
     # --- configuration and model loading ----------------------------------------------------------------
     async def reconfigure(self, user_config: dict | None) -> None:
@@ -183,8 +220,11 @@ class IntentService:
             await self._run_io(self._open_profiles)
         model = self.model
         target, _ = resolve_bundle(settings["bundle"], settings["registry_dir"], self.root)
-        stale = model is None or model.bundle_dir != target or any(
-            settings[k] != old.get(k) for k in ("review", "variant", "num_threads"))
+        stale = (
+            model is None
+            or model.bundle_dir != target
+            or any(settings[k] != old.get(k) for k in ("review", "variant", "num_threads"))
+        )
         if stale:
             await self.reload(force=True)
         self._start_tasks()
@@ -198,8 +238,12 @@ class IntentService:
         if not s["record_predictions"]:
             return None
         cfg = params.feedback.store
-        engine = store.make_engine(store.db_url(self.root / s["db"]), busy_timeout_ms=cfg.busy_timeout_ms,
-                                   pool_size=cfg.pool_size, max_overflow=cfg.max_overflow)
+        engine = store.make_engine(
+            store.db_url(self.root / s["db"]),
+            busy_timeout_ms=cfg.busy_timeout_ms,
+            pool_size=cfg.pool_size,
+            max_overflow=cfg.max_overflow,
+        )
         store.check_schema(engine)  # fail at start, with the fix, unless `intentops db upgrade` ran
         return engine
 
@@ -217,8 +261,9 @@ class IntentService:
             log.warning("monitoring profiles off: %s", err.render())
             return
         profiles = m["profiles"] if "://" in m["profiles"] else str(self.root / m["profiles"])
-        self.profiles = ProfileWindowWriter(profiles, max_rows=m["window_max_rows"],
-                                            max_seconds=m["window_max_seconds"])
+        self.profiles = ProfileWindowWriter(
+            profiles, max_rows=m["window_max_rows"], max_seconds=m["window_max_seconds"]
+        )
 
     async def reload(self, force: bool = False) -> bool:
         """Load the configured bundle if it changed (or `force`), fully, then swap the reference; True if swapped.
@@ -240,9 +285,13 @@ class IntentService:
                 return False
             previous, self.model = self.model, model  # the swap: new requests see the new model from here
             self.m_reloads.inc(tags={"outcome": "ok"})
-            log.info("serving model %s from %s (was %s)", model.version, model.bundle_dir,
-                     previous.version if previous else None,
-                     extra={"ray_serve_extra_fields": {"model_version": model.version, "event": "model_loaded"}})
+            log.info(
+                "serving model %s from %s (was %s)",
+                model.version,
+                model.bundle_dir,
+                previous.version if previous else None,
+                extra={"ray_serve_extra_fields": {"model_version": model.version, "event": "model_loaded"}},
+            )
             return True
 
     def _load(self, bundle_dir: Path, registry_version: str | None) -> LoadedModel:
@@ -254,19 +303,28 @@ class IntentService:
         torch.set_num_threads(threads)
         predictor = Predictor.load(bundle_dir, threads=threads, variant=self.settings["variant"])
         # The bundle's calibration decides out-of-scope; the config's review thresholds fill in what it lacks.
-        predictor.calibration, thresholds = serving_calibration(predictor.calibration, self.settings["review"])
+        predictor.calibration, thresholds = serving_calibration(
+            predictor.calibration, self.settings["review"]
+        )
         # Lazy parts (sessions, arenas for a full batch) are set up now, not on a request.
         for n in (1, self.settings["batching"]["max_batch_size"]):
             predictor.predict(["warm up"] * n, top_k=self.settings["top_k"])
         card = model_card(predictor, bundle_dir)
-        return LoadedModel(predictor=predictor, bundle_dir=bundle_dir,
-                           version=model_version(predictor, bundle_dir, registry_version), card=card,
-                           thresholds=thresholds, labels=frozenset(predictor.labels))
+        return LoadedModel(
+            predictor=predictor,
+            bundle_dir=bundle_dir,
+            version=model_version(predictor, bundle_dir, registry_version),
+            card=card,
+            thresholds=thresholds,
+            labels=frozenset(predictor.labels),
+        )
 
     def _start_tasks(self) -> None:
         if not self._tasks:
-            self._tasks = [asyncio.get_running_loop().create_task(self._watch_pointer()),
-                           asyncio.get_running_loop().create_task(self._profile_loop())]
+            self._tasks = [
+                asyncio.get_running_loop().create_task(self._watch_pointer()),
+                asyncio.get_running_loop().create_task(self._profile_loop()),
+            ]
 
     async def _watch_pointer(self) -> None:
         """Poll the production pointer; when its content changes, load the new version and swap it in."""
@@ -305,8 +363,11 @@ class IntentService:
         if self.profiles is None:
             return
         texts = [t for batch, _ in pending for t in batch]
-        preds = [{"intent": r["intent"], "confidence": r["confidence"], "top_k": store_top_k(r)}
-                 for _, rows in pending for r in rows]
+        preds = [
+            {"intent": r["intent"], "confidence": r["confidence"], "top_k": store_top_k(r)}
+            for _, rows in pending
+            for r in rows
+        ]
         try:
             if texts:
                 self.profiles.log(utterance_features(texts, self.vocab, preds))
@@ -346,14 +407,15 @@ class IntentService:
         try:
             # One hop to the model thread per call: model, rows, metrics and the ledger write all happen there.
             rows, call = await asyncio.get_running_loop().run_in_executor(
-                self._infer_pool, self._call, self.model, texts)  # one model for the whole call, even mid-swap
+                self._infer_pool, self._call, self.model, texts
+            )  # one model for the whole call, even mid-swap
         except Exception as err:
             for _, fut in take:
                 fut.set_exception(err)
             return
         pos = 0
         for batch, fut in take:
-            fut.set_result([(row, call) for row in rows[pos:pos + len(batch)]])
+            fut.set_result([(row, call) for row in rows[pos : pos + len(batch)]])
             pos += len(batch)
 
     def _call(self, model: LoadedModel, texts: list[str]) -> tuple[list[dict], dict]:
@@ -373,8 +435,11 @@ class IntentService:
 
             record(self.engine, texts, rows)
         t2 = time.perf_counter()
-        return rows, {"batch_size": len(rows), "model_ms": round((t1 - t0) * 1000, 2),
-                      "record_ms": round((t2 - t1) * 1000, 2)}
+        return rows, {
+            "batch_size": len(rows),
+            "model_ms": round((t1 - t0) * 1000, 2),
+            "record_ms": round((t2 - t1) * 1000, 2),
+        }
 
     def _observe(self, version: str, rows: list[dict]) -> None:
         """Metrics for one model call, counted per call (one increment per intent and per reason)."""
@@ -404,8 +469,10 @@ class IntentService:
         info = request.scope.get("intentops")
         if info is not None:
             info.update(model_version=version, n_texts=len(rows), out_of_scope=flagged, **call)
-        body = json.dumps({"request_id": _request_id(), "model_version": version, "predictions": rows},
-                          separators=(",", ":"))
+        body = json.dumps(
+            {"request_id": _request_id(), "model_version": version, "predictions": rows},
+            separators=(",", ":"),
+        )
         return Response(body, media_type="application/json")
 
     @api.post("/v1/feedback", response_model=FeedbackResponse, status_code=201, responses={404: {}, 422: {}})
@@ -416,25 +483,46 @@ class IntentService:
 
         model = self.model
         if body.label not in model.labels:
-            raise RequestError(422, f"label {body.label!r} is not in the model's taxonomy", where="request body: label",
-                               fix="use one of the intents listed by GET /v1/model")
+            raise RequestError(
+                422,
+                f"label {body.label!r} is not in the model's taxonomy",
+                where="request body: label",
+                fix="use one of the intents listed by GET /v1/model",
+            )
         if self.engine is None:
-            raise RequestError(503, "feedback is off: this deployment does not record predictions",
-                               where="serving.store.record_predictions", fix="turn it on in serving/config.yaml")
+            raise RequestError(
+                503,
+                "feedback is off: this deployment does not record predictions",
+                where="serving.store.record_predictions",
+                fix="turn it on in serving/config.yaml",
+            )
         if not await self._run_io(known, self.engine, body.prediction_id):
-            raise RequestError(404, f"unknown prediction id {body.prediction_id!r}", where="request body: prediction_id",
-                               fix="send a prediction_id returned by POST /v1/predict")
-        stored = await self._run_io(lambda: store.add_feedback(self.engine, body.prediction_id, body.label,
-                                                               body.annotator, body.feedback_id))
-        return JSONResponse({"prediction_id": body.prediction_id, "label": body.label, "stored": stored},
-                            status_code=201)
+            raise RequestError(
+                404,
+                f"unknown prediction id {body.prediction_id!r}",
+                where="request body: prediction_id",
+                fix="send a prediction_id returned by POST /v1/predict",
+            )
+        stored = await self._run_io(
+            lambda: store.add_feedback(
+                self.engine, body.prediction_id, body.label, body.annotator, body.feedback_id
+            )
+        )
+        return JSONResponse(
+            {"prediction_id": body.prediction_id, "label": body.label, "stored": stored}, status_code=201
+        )
 
     @api.get("/v1/model")
     async def model_info(self) -> dict:
         """The model card of the version being served, its labels and review thresholds."""
         m = self.model
-        return {"version": m.version, "bundle": str(m.bundle_dir), "labels": sorted(m.labels),
-                "thresholds": m.thresholds, "card": m.card}
+        return {
+            "version": m.version,
+            "bundle": str(m.bundle_dir),
+            "labels": sorted(m.labels),
+            "thresholds": m.thresholds,
+            "card": m.card,
+        }
 
     @api.get("/healthz")
     async def healthz(self) -> dict:

@@ -27,8 +27,17 @@ def record(engine: Engine, texts: Sequence[str], rows: Sequence[Mapping[str, Any
         rows: the shaped predictions.
     """
     now = store.now_utc()
-    values = [{"prediction_id": r["prediction_id"], "model_version": r["model_version"], "intent": r["intent"],
-               "confidence": r["confidence"], "needs_review": r["needs_review"], "created_at": now} for r in rows]
+    values = [
+        {
+            "prediction_id": r["prediction_id"],
+            "model_version": r["model_version"],
+            "intent": r["intent"],
+            "confidence": r["confidence"],
+            "needs_review": r["needs_review"],
+            "created_at": now,
+        }
+        for r in rows
+    ]
     with engine.begin() as conn:
         conn.execute(store.predictions.insert(), values)  # fresh uuid4s: no conflict to handle
     review = review_items(texts, rows, now)
@@ -36,18 +45,31 @@ def record(engine: Engine, texts: Sequence[str], rows: Sequence[Mapping[str, Any
         store.enqueue(engine, review)
 
 
-def review_items(texts: Sequence[str], rows: Sequence[Mapping[str, Any]], now: Any = None) -> list[dict[str, Any]]:
+def review_items(
+    texts: Sequence[str], rows: Sequence[Mapping[str, Any]], now: Any = None
+) -> list[dict[str, Any]]:
     """Review-queue items (see store.enqueue) for the rows that need review, with the reason they do."""
-    return [{"prediction_id": r["prediction_id"], "text": t, "model_version": r["model_version"],
-             "suggested_intent": r["intent"], "confidence": r["confidence"], "reason": r["reason"],
-             "top_k": store_top_k(r),
-             **({"created_at": now} if now is not None else {})}
-            for t, r in zip(texts, rows, strict=True) if r["needs_review"]]
+    return [
+        {
+            "prediction_id": r["prediction_id"],
+            "text": t,
+            "model_version": r["model_version"],
+            "suggested_intent": r["intent"],
+            "confidence": r["confidence"],
+            "reason": r["reason"],
+            "top_k": store_top_k(r),
+            **({"created_at": now} if now is not None else {}),
+        }
+        for t, r in zip(texts, rows, strict=True)
+        if r["needs_review"]
+    ]
 
 
 def known(engine: Engine, prediction_id: str) -> bool:
     """True when the API returned this prediction id."""
     table = store.predictions
     with engine.connect() as conn:
-        return conn.execute(sa.select(table.c.id).where(table.c.prediction_id == prediction_id).limit(1)).first() \
+        return (
+            conn.execute(sa.select(table.c.id).where(table.c.prediction_id == prediction_id).limit(1)).first()
             is not None
+        )
