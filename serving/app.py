@@ -172,6 +172,7 @@ class IntentService:
         self._io_pool = ThreadPoolExecutor(2, thread_name_prefix="io")  # db writes, loads, profiles
         self._reload_lock = asyncio.Lock()
         self._model_lock = asyncio.Lock()
+        self._in_flight = 0  # /v1/predict requests being handled
         self._pending: list[tuple[list[str], asyncio.Future]] = []
         self._tasks: list[asyncio.Task] = []
         self._pointer_seen: str | None = None
@@ -404,11 +405,18 @@ class IntentService:
             take.append(item)
             n += len(item[0])
         texts = [t for batch, _ in take for t in batch]
+        model = self.model  # one model for the whole call, even mid-swap
         try:
-            # One hop to the model thread per call: model, rows, metrics and the ledger write all happen there.
-            rows, call = await asyncio.get_running_loop().run_in_executor(
-                self._infer_pool, self._call, self.model, texts
-            )  # one model for the whole call, even mid-swap
+            if self._in_flight <= 1:
+                # Alone: nothing to overlap with the model call, so skip the two thread hand-offs (each a
+                # wake-up that waits for a CPU on a busy host).
+                rows, call = self._call(model, texts)
+            else:
+                # Under load: one hop to the model thread per call (model, rows, metrics, ledger write), so
+                # the event loop keeps parsing the requests that will form the next call meanwhile.
+                rows, call = await asyncio.get_running_loop().run_in_executor(
+                    self._infer_pool, self._call, model, texts
+                )
         except Exception as err:
             for _, fut in take:
                 fut.set_exception(err)
@@ -458,10 +466,14 @@ class IntentService:
         """Intent, confidence, top-k and out-of-scope flags for each text, with a prediction id for /v1/feedback."""
         s = self.settings
         texts = request_texts(body, s["max_texts"], s["max_text_chars"])
-        if len(texts) == 1:
-            results = [await self._predict_batch(texts[0])]
-        else:  # a list is a batch already: it joins the next model call whole, with whatever else is pending
-            results = await self._infer(texts)
+        self._in_flight += 1
+        try:
+            if len(texts) == 1:
+                results = [await self._predict_batch(texts[0])]
+            else:  # a list is a batch already: it joins the next model call whole, with whatever else is pending
+                results = await self._infer(texts)
+        finally:
+            self._in_flight -= 1
         rows = [r for r, _ in results]
         call = max((c for _, c in results), key=lambda c: c["batch_size"])
         version = rows[0]["model_version"]
