@@ -9,8 +9,9 @@ bounded by a request count and a time cap. Measures, on the same machine and bun
   live  serving/app.py at concurrency 1, 8 and 32 (one text per request), then a list-of-texts client
 ceiling_rps = 1 / (1/echo_c32_rps + 1/raw_sents_per_s): the rate if HTTP and the model shared the
 CPU with no other loss. key=value pairs override serving user_config (e.g. batching.max_batch_size=16).
-`cpu_ms_per_req` splits the CPU time of each HTTP phase between Serve's proxy, the replica and the rest
-(this client, Ray's daemons) from /proc, so an overhead can be located; `variant` and its test accuracy
+`cpu_ms_per_req` splits the CPU time of each HTTP phase between Serve's proxy, the replica, Ray's daemons,
+this client and everything else on the machine ("other": a loaded machine shows here), from /proc, so an
+overhead can be located; `variant` and its test accuracy
 (from the bundle's card) say which graph was served.
 """
 
@@ -45,17 +46,29 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # --- CPU accounting ----------------------------------------------------------------------------------------
+# Processes whose CPU time is reported apart (by command line); "other" is everything else on the machine.
+CPU_GROUPS = {
+    "proxy": b"ProxyActor",
+    "replica": b"ServeReplica",
+    "raylet": b"raylet",
+    "gcs": b"gcs_server",
+    "agent": b"agent",
+    "log_monitor": b"log_monitor",
+}
+
+
 def cpu_seconds() -> dict[str, float]:
-    """CPU seconds used so far by Serve's proxy, the replicas, and the whole machine (/proc)."""
+    """CPU seconds used so far by Serve's proxy, the replicas, Ray's daemons, this client, and the machine (/proc)."""
     tick = os.sysconf("SC_CLK_TCK")
-    out = {"proxy": 0.0, "replica": 0.0}
+    out = dict.fromkeys([*CPU_GROUPS, "client"], 0.0)
+    me = str(os.getpid())
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        kind = "proxy" if b"ProxyActor" in cmd else "replica" if b"ServeReplica" in cmd else None
+        kind = "client" if pid == me else next((k for k, m in CPU_GROUPS.items() if m in cmd), None)
         if kind:
             out[kind] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
     with open("/proc/stat") as fh:
@@ -65,9 +78,9 @@ def cpu_seconds() -> dict[str, float]:
 
 
 def cpu_per_request(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
-    """ms of CPU per request in the proxy, the replica and everything else, between two cpu_seconds()."""
+    """ms of CPU per request in each process group and in everything else ("other"), between two cpu_seconds()."""
     d = {k: after[k] - before[k] for k in after}
-    d["rest"] = d.pop("all") - d["proxy"] - d["replica"]
+    d["other"] = d.pop("all") - sum(d.values())
     return {k: round(1000 * v / max(requests, 1), 2) for k, v in d.items()}
 
 
