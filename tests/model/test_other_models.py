@@ -44,3 +44,19 @@ def test_refit_on_train_val_trains_on_both_and_keeps_selection_val(small_project
     assert 0.0 <= metrics["val"]["accuracy"] <= 1.0  # from the selection run, before val joined training
     proba = Predictor.load(tmp_path / "bundle").predict_proba(["my card was stolen", "top up failed"])
     assert proba.shape == (2, 5)
+
+
+@pytest.mark.gpu
+def test_minilm_finetune_trains_with_the_gpu_trainer(small_project, small_overrides, tmp_path):
+    """`model=minilm_finetune trainer=gpu` as composed from conf/: mixed precision on CUDA, bundle predicts on CPU."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (trainer=gpu)")
+    root, _ = small_project
+    cfg = compose(small_overrides + ["model=minilm_finetune", "trainer=gpu", "model.max_epochs=2",
+                                     "model.batch_size=8", "train.eval_batch_size=16"])
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "16-mixed"
+    metrics = train_from_config(cfg, tmp_path / "bundle", tmp_path / "work", root=root)
+    assert metrics["epochs_run"] >= 1 and 0.0 <= metrics["test"]["accuracy"] <= 1.0
+    proba = Predictor.load(tmp_path / "bundle").predict_proba(["my card was stolen", "top up failed"])
+    assert proba.shape == (2, 5) and abs(float(proba.sum(1).mean()) - 1.0) < 1e-4
