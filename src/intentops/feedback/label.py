@@ -255,8 +255,9 @@ def export_table(
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """The labelled rows ready for training (text, label + provenance) and a count of every item's status.
 
-    Items whose final label is outside the taxonomy (`new:` proposals, out_of_scope without an
-    out-of-scope class) are counted as `proposals`, not exported.
+    A proposed intent keeps its `new:<name>` label in the export: `ingest` extends the taxonomy with it
+    (status `exported`, and also counted in `proposals`). Items whose final label cannot train
+    (out_of_scope without an out-of-scope class) are counted as `not_trainable`, not exported.
     """
     rows, status = [], Counter()
     for item in items:
@@ -267,8 +268,10 @@ def export_table(
         if label is None:
             status[method] += 1
             continue
-        if not taxonomy.trainable(label):
+        if label.startswith(NEW_PREFIX):
             status["proposals"] += 1
+        elif not taxonomy.trainable(label):
+            status["not_trainable"] += 1
             continue
         status["exported"] += 1
         rows.append(
