@@ -65,8 +65,14 @@ def new_label_count(params: Any) -> tuple[int, dict[str, int]]:
     finally:
         engine.dispose()
     cfg = params.feedback.label
-    table, status = export_table(items, votes, adjudicated, Taxonomy.read(params.paths.taxonomy),
-                                 int(cfg.min_annotators), str(cfg.guideline_version))
+    table, status = export_table(
+        items,
+        votes,
+        adjudicated,
+        Taxonomy.read(params.paths.taxonomy),
+        int(cfg.min_annotators),
+        str(cfg.guideline_version),
+    )
     known = exported_ids(params.paths.feedback_labels)
     return int((~table["prediction_id"].isin(known)).sum()), status
 
@@ -77,18 +83,31 @@ def dvc_repro(root: Path, log_line: Callable[[str], None] = print) -> float:
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     dvc = Path(bin_dir) / "dvc"
     t0 = time.perf_counter()
-    proc = subprocess.Popen([str(dvc) if dvc.is_file() else "dvc", "repro"], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [str(dvc) if dvc.is_file() else "dvc", "repro"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     tail: list[str] = []
     for line in proc.stdout:  # stage names and our log lines, as they come
         line = line.rstrip()
         tail = (tail + [line])[-20:]
-        if line.startswith(("Running stage", "Stage ")) or " INFO intentops" in line or " INFO __main__" in line:
+        if (
+            line.startswith(("Running stage", "Stage "))
+            or " INFO intentops" in line
+            or " INFO __main__" in line
+        ):
             log_line(f"  dvc: {line[:200]}")
     if proc.wait() != 0:
-        raise UserError(f"`dvc repro` failed (exit {proc.returncode}); its last lines:\n" + "\n".join(tail),
-                        where=str(root), fix="fix the failing stage (see above), then rerun `intentops drift-check "
-                        "--retrain` or `dvc repro`; the last good model is still in production")
+        raise UserError(
+            f"`dvc repro` failed (exit {proc.returncode}); its last lines:\n" + "\n".join(tail),
+            where=str(root),
+            fix="fix the failing stage (see above), then rerun `intentops drift-check "
+            "--retrain` or `dvc repro`; the last good model is still in production",
+        )
     return time.perf_counter() - t0
 
 
@@ -96,8 +115,11 @@ def read_gate(path: str | os.PathLike) -> dict[str, Any]:
     """The promotion gate's decision (reports/promote/gate.json)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError("no promotion gate result after `dvc repro`", where=str(path),
-                        fix="check that dvc.yaml has the promote stage and that it ran")
+        raise UserError(
+            "no promotion gate result after `dvc repro`",
+            where=str(path),
+            fix="check that dvc.yaml has the promote stage and that it ran",
+        )
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -119,14 +141,17 @@ def wait_for_swap(serve_url: str, version: str, timeout_s: float, poll_s: float 
         except (urllib.error.URLError, OSError, KeyError, ValueError) as err:
             seen = f"unreachable ({err})"
         time.sleep(poll_s)
-    raise UserError(f"serving did not swap to {version} within {timeout_s:.0f} s (it serves {seen})",
-                    where=f"{serve_url}/v1/model",
-                    fix="check that the app watches the production pointer (user_config.bundle: production, "
-                        "watch_interval_s > 0) and its replica logs for a failed reload")
+    raise UserError(
+        f"serving did not swap to {version} within {timeout_s:.0f} s (it serves {seen})",
+        where=f"{serve_url}/v1/model",
+        fix="check that the app watches the production pointer (user_config.bundle: production, "
+        "watch_interval_s > 0) and its replica logs for a failed reload",
+    )
 
 
-def retrain(params: Any, report: Mapping[str, Any], serve_url: str | None = None,
-            root: Path | None = None) -> dict[str, Any]:
+def retrain(
+    params: Any, report: Mapping[str, Any], serve_url: str | None = None, root: Path | None = None
+) -> dict[str, Any]:
     """Export labels, `dvc repro`, read the gate and wait for the swap; see the module docstring.
 
     Raises:
@@ -144,7 +169,7 @@ def retrain(params: Any, report: Mapping[str, Any], serve_url: str | None = None
             f"(queue status: {status}); retraining needs at least {cfg.min_new_labels}",
             where=f"review queue ({paths.feedback_db} or $INTENTOPS_DB_URL)",
             fix="label the queue (`intentops label --annotator NAME`, several annotators), then rerun; "
-                "or lower monitor.retrain.min_new_labels",
+            "or lower monitor.retrain.min_new_labels",
         )
     t0 = time.perf_counter()
     print(f"retrain 1/4: exporting {n_new} new reviewed label(s) to {paths.feedback_labels}", flush=True)
@@ -154,21 +179,36 @@ def retrain(params: Any, report: Mapping[str, Any], serve_url: str | None = None
     repro_s = dvc_repro(root)
     gate = read_gate(paths.promote_gate)
     after = Registry.at(paths.registry_dir).production()
-    print(f"retrain 3/4: gate {'PROMOTED' if gate.get('promoted') else 'rejected'} {gate.get('challenger')} "
-          f"(champion {gate.get('champion')}): {'; '.join(gate.get('reasons', []))}", flush=True)
-    result = {"new_labels": n_new, "exported_rows": exported["rows"], "repro_seconds": round(repro_s, 1),
-              "gate": gate, "production_before": before, "production_after": after}
+    print(
+        f"retrain 3/4: gate {'PROMOTED' if gate.get('promoted') else 'rejected'} {gate.get('challenger')} "
+        f"(champion {gate.get('champion')}): {'; '.join(gate.get('reasons', []))}",
+        flush=True,
+    )
+    result = {
+        "new_labels": n_new,
+        "exported_rows": exported["rows"],
+        "repro_seconds": round(repro_s, 1),
+        "gate": gate,
+        "production_before": before,
+        "production_after": after,
+    }
     if not gate.get("promoted") or after == before:
         raise NotPromoted(
             f"retrained, but production stays {before}: "
-            + ("; ".join(gate.get("reasons", [])) if not gate.get("promoted")
-               else f"the challenger {gate.get('challenger')} is the model already in production"),
+            + (
+                "; ".join(gate.get("reasons", []))
+                if not gate.get("promoted")
+                else f"the challenger {gate.get('challenger')} is the model already in production"
+            ),
             where=str(paths.promote_gate),
             fix="read the gate's reasons; label more (or better) data, or change the model, and rerun",
         )
     print(f"retrain 4/4: production {before} -> {after}", flush=True)
     if serve_url:
         result["swap_seconds"] = round(wait_for_swap(serve_url, after, float(cfg.swap_timeout_s)), 1)
-        print(f"serving at {serve_url} swapped to {after} ({result['swap_seconds']} s after promotion)", flush=True)
+        print(
+            f"serving at {serve_url} swapped to {after} ({result['swap_seconds']} s after promotion)",
+            flush=True,
+        )
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
