@@ -77,8 +77,22 @@ def new_label_count(params: Any) -> tuple[int, dict[str, int]]:
     return int((~table["prediction_id"].isin(known)).sum()), status
 
 
-def dvc_repro(root: Path, log_line: Callable[[str], None] = print) -> float:
-    """Run `dvc repro` in `root` with this interpreter's tools first on PATH; returns the seconds it took."""
+def stages_run(output: str) -> dict[str, list[str]]:
+    """Which stages a `dvc repro` output says it ran, restored from the run-cache, or skipped as unchanged."""
+    out: dict[str, list[str]] = {"ran": [], "restored": [], "unchanged": []}
+    for line in output.splitlines():
+        name = line.split("'")[1] if line.count("'") >= 2 else None
+        if line.startswith("Running stage"):
+            out["ran"].append(name)
+        elif line.startswith("Stage") and "is cached" in line:
+            out["restored"].append(name)
+        elif line.startswith("Stage") and "didn't change" in line:
+            out["unchanged"].append(name)
+    return out
+
+
+def dvc_repro(root: Path, log_line: Callable[[str], None] = print) -> tuple[float, str]:
+    """Run `dvc repro` in `root` with this interpreter's tools first on PATH; returns (seconds, its output)."""
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     dvc = Path(bin_dir) / "dvc"
@@ -91,24 +105,20 @@ def dvc_repro(root: Path, log_line: Callable[[str], None] = print) -> float:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    tail: list[str] = []
-    for line in proc.stdout:  # stage names and our log lines, as they come
+    lines: list[str] = []
+    for line in proc.stdout:  # stage names and our stages' summaries, as they come
+        lines.append(line)
         line = line.rstrip()
-        tail = (tail + [line])[-20:]
-        if (
-            line.startswith(("Running stage", "Stage "))
-            or " INFO intentops" in line
-            or " INFO __main__" in line
-        ):
+        if line.startswith(("Running stage", "Stage ")) or " INFO __main__" in line:
             log_line(f"  dvc: {line[:200]}")
     if proc.wait() != 0:
         raise UserError(
-            f"`dvc repro` failed (exit {proc.returncode}); its last lines:\n" + "\n".join(tail),
+            f"`dvc repro` failed (exit {proc.returncode}); its last lines:\n" + "".join(lines[-20:]),
             where=str(root),
             fix="fix the failing stage (see above), then rerun `intentops drift-check "
             "--retrain` or `dvc repro`; the last good model is still in production",
         )
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, "".join(lines)
 
 
 def read_gate(path: str | os.PathLike) -> dict[str, Any]:
@@ -176,7 +186,7 @@ def retrain(
     exported = main_export(params)
     before = Registry.at(paths.registry_dir).production()
     print("retrain 2/4: dvc repro (only stages whose inputs changed rerun)", flush=True)
-    repro_s = dvc_repro(root)
+    repro_s, repro_out = dvc_repro(root, lambda line: print(line, flush=True))
     gate = read_gate(paths.promote_gate)
     after = Registry.at(paths.registry_dir).production()
     print(
@@ -188,6 +198,7 @@ def retrain(
         "new_labels": n_new,
         "exported_rows": exported["rows"],
         "repro_seconds": round(repro_s, 1),
+        "stages": stages_run(repro_out),
         "gate": gate,
         "production_before": before,
         "production_after": after,
