@@ -63,6 +63,8 @@ class LoopConfig:
         overrides: Hydra overrides for both projects (the fixture's sha256 pins in tests, say).
         window_rows: rows per profile window (monitor.profiles.window_max_rows) in the demo projects.
         cache_dir: DVC cache shared by the loop and oracle projects (default: a fresh one under the work dir).
+        min_new_labels: monitor.retrain.min_new_labels in the demo projects unless `overrides` set it: only
+            needs_review items reach the queue, so K intents may yield fewer than K * per_intent labels.
         replay_repeats: the shifted traffic is sent this many times (a tiny fixture needs volume for the tests
             to reach significance; accuracy is read from the first pass).
     """
@@ -77,6 +79,7 @@ class LoopConfig:
     cache_dir: str | None = None
     oracle: bool = True
     replay_repeats: int = 1
+    min_new_labels: int = 25
 
 
 class Progress:
@@ -319,6 +322,8 @@ def run_loop(
     env = _env(mirror)
     cache_dir = Path(cfg.cache_dir or work / "dvc-cache").resolve()
     base = [*cfg.overrides, f"monitor.profiles.window_max_rows={cfg.window_rows}"]
+    if not any(o.startswith("monitor.retrain.min_new_labels=") for o in cfg.overrides):
+        base.append(f"monitor.retrain.min_new_labels={cfg.min_new_labels}")
     t_loop = time.perf_counter()
     result: dict[str, Any] = {}
 
