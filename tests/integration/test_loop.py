@@ -18,13 +18,28 @@ def test_loop_on_fixture_data_detects_drift_retrains_and_swaps(tmp_path, monkeyp
     # The fixture is tiny: a few hundred replayed rows are enough, labels from 3 annotators on one intent.
     # A model fitted on it is near-certain of everything (temperature ~0.05), so review thresholds are raised
     # for the queue to fill; Banking77 (make loop-demo) uses the calibrated defaults.
-    overrides = fixture_overrides(shas, [
-        "monitor.drift.min_rows=50", "monitor.retrain.min_new_labels=5", "logger=none",
-        "promote.latency_calls=20", "promote.warmup_calls=5", "calibrate.fit_temperature=false",
-        "calibrate.review.min_confidence=0.95", "calibrate.review.min_margin=0.5",
-    ])
-    cfg = LoopConfig(holdout=["pin_blocked"], per_intent=20, pool_per_intent=20, overrides=overrides,
-                     window_rows=50, replay_repeats=8, oracle=True)
+    overrides = fixture_overrides(
+        shas,
+        [
+            "monitor.drift.min_rows=50",
+            "monitor.retrain.min_new_labels=5",
+            "logger=none",
+            "promote.latency_calls=20",
+            "promote.warmup_calls=5",
+            "calibrate.fit_temperature=false",
+            "calibrate.review.min_confidence=0.95",
+            "calibrate.review.min_margin=0.5",
+        ],
+    )
+    cfg = LoopConfig(
+        holdout=["pin_blocked"],
+        per_intent=20,
+        pool_per_intent=20,
+        overrides=overrides,
+        window_rows=50,
+        replay_repeats=8,
+        oracle=True,
+    )
     result = run_loop(tmp_path / "work", cfg, str(tmp_path / "mirror"), ROOT, Progress())
 
     assert result["drift_exit_code"] == 10 and result["drifted_features"]
