@@ -441,7 +441,7 @@ def run_loop(
                 p["intent"] for p in Predictor.load(oracle / "models/bundle").predict(test["text"].tolist())
             ]
             result["acc_oracle"] = accuracy(predicted, test["label"].tolist())
-            result["oracle_seconds"] = log.marks.get("oracle: all intents, same pipeline, shared DVC cache")
+        result["oracle_seconds"] = log.marks["oracle: all intents, same pipeline, shared DVC cache"]
     result.update(held_out=held, k=len(held), per_intent=cfg.per_intent, steps_seconds=dict(log.marks))
     return result
 

@@ -218,7 +218,7 @@ def retrain(
     if serve_url:
         result["swap_seconds"] = round(wait_for_swap(serve_url, after, float(cfg.swap_timeout_s)), 1)
         print(
-            f"serving at {serve_url} swapped to {after} ({result['swap_seconds']} s after promotion)",
+            f"serving at {serve_url} swapped to {after} ({result['swap_seconds']} s waited after dvc repro ended)",
             flush=True,
         )
     result["seconds"] = round(time.perf_counter() - t0, 1)
