@@ -12,7 +12,7 @@ export WANDB_MODE ?= $(if $(WANDB_API_KEY),online,offline)
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run exp gate-status drift-check db-upgrade serve serve-load test test-all lint params lock clean
+.PHONY: help venv run exp gate-status drift-check db-upgrade serve serve-load loop-demo test test-all lint params lock clean
 
 help: ## List every target
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -53,6 +53,10 @@ serve-load: $(STAMP) ## Load-test the API on loopback; prints one JSON line (ben
 
 drift-check: $(STAMP) ## Compare the latest serving profiles with the reference (exit 0 no drift, 10 drift, 2 error)
 	$(BIN)/intentops drift-check
+
+LOOP_ARGS ?=
+loop-demo: $(STAMP) ## The closed loop on Banking77 in a temp project (hold out K intents, serve, drift, label, retrain); last line JSON. LOOP_ARGS="--k 5"
+	$(BIN)/python -m intentops.loop_demo $(LOOP_ARGS)
 
 db-upgrade: $(STAMP) ## Create or migrate the review-queue schema (SQLite by default, $$INTENTOPS_DB_URL for PostgreSQL)
 	$(BIN)/intentops db upgrade

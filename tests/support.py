@@ -114,8 +114,9 @@ def make_project(dest: Path, overrides: list[str]) -> Path:
     from intentops.config import write_params
 
     dest.mkdir(parents=True, exist_ok=True)
-    for item in ("conf", "src", "dvc.yaml", "data/external"):
+    for item in ("conf", "src", "dvc.yaml", "data/external", "data/feedback/labels.csv"):
         src = ROOT / item
+        (dest / item).parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
             shutil.copytree(src, dest / item, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:

@@ -25,16 +25,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "drift-check",
-        help="compare the latest profile windows with the reference; exit 0 = no drift, 10 = drift, 2 = error",
+        help="compare the latest profile windows with the reference; exit 0 = no drift, 10 = drift, 2 = error; "
+        "with --retrain: 0 = no drift or a new model promoted, 11 = too few new labels, 12 = not promoted",
     )
     p.add_argument("--reference", help="reference profile (default: paths.monitoring_reference)")
     p.add_argument("--profiles", help="folder or fsspec URL of profile windows (default: paths.monitoring_profiles)")
     p.add_argument("--last-n", type=int, help="how many latest windows to merge (default: monitor.drift.last_n)")
     p.add_argument("--dispatch", action="store_true", help="on drift, send the drift-detected repository_dispatch")
-    p.add_argument("--retrain", action="store_true", help="on drift, retrain (needs the export/promote stages)")
+    p.add_argument("--retrain", action="store_true",
+                   help="on drift with at least monitor.retrain.min_new_labels new reviewed labels: export them, "
+                   "dvc repro, gate, promote (and with --serve-url wait for the hot swap)")
+    p.add_argument("--serve-url", help="with --retrain: the running API (e.g. http://127.0.0.1:8000) to watch swap")
     p.set_defaults(func=_drift_check)
 
     p = sub.add_parser("drift-reference", help="build the training vocabulary and reference profile from the split")
+    p.add_argument("--bundle", help="also profile this model bundle's outputs on val (the `profile` stage uses "
+                   "paths.bundle_dir); without it, text features only")
     p.set_defaults(func=_drift_reference)
 
     p = sub.add_parser("label", help="label review-queue items (answers from stdin when it is not a terminal)")
@@ -73,13 +79,11 @@ def _drift_check(args: argparse.Namespace) -> None:
     from intentops.errors import UserError
     from intentops.monitor import drift
 
-    if args.retrain:  # the hook for issue 5's retraining, once export/promote exist
-        raise UserError(
-            "--retrain is not available yet: it needs the export and promote stages",
-            where="intentops drift-check --retrain",
-            fix="drop --retrain; use --dispatch to start .github/workflows/retrain.yml, or run `dvc repro`",
-        )
-    drift.main(load_params(), reference=args.reference, profiles=args.profiles, last_n=args.last_n, dispatch=args.dispatch)
+    if args.serve_url and not args.retrain:
+        raise UserError("--serve-url only applies with --retrain", where="intentops drift-check --serve-url",
+                        fix="add --retrain, or drop --serve-url")
+    drift.main(load_params(), reference=args.reference, profiles=args.profiles, last_n=args.last_n,
+               dispatch=args.dispatch, retrain=args.retrain, serve_url=args.serve_url)
 
 
 def _drift_reference(args: argparse.Namespace) -> None:
@@ -88,7 +92,7 @@ def _drift_reference(args: argparse.Namespace) -> None:
 
     p = load_params()
     write_reference(p.paths.train, p.paths.val, p.paths.monitoring_vocab, p.paths.monitoring_reference,
-                    int(p.monitor.features.vocab_min_count))
+                    int(p.monitor.features.vocab_min_count), args.bundle)
     print(f"wrote {p.paths.monitoring_vocab} and {p.paths.monitoring_reference}")
 
 

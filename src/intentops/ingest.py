@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from intentops.config import load_params
 from intentops.data import CANONICAL_COLUMNS
-from intentops.data.readers import read_clinc_json, read_csv_rows, read_taxonomy
+from intentops.data.readers import read_clinc_json, read_csv_rows, read_feedback, read_taxonomy
 from intentops.data.sources import FileSpec, fetch_verified, mirror_from
 from intentops.errors import UserError, cli_entry
 from intentops.io import atomic_path, write_json, write_parquet
@@ -28,19 +28,44 @@ def parse_file(content: bytes, where: str, key: str, data: DictConfig) -> pd.Dat
     raise UserError(f"unknown data.format '{data.format}'", where="conf/data", fix=f"use one of {FORMATS}")
 
 
-def run_ingest(parts: list[pd.DataFrame], taxonomy: list[str] | None, oos_label: str | None) -> tuple[pd.DataFrame, dict]:
-    """Concatenate parsed files into the canonical table and settle the taxonomy.
+def run_ingest(
+    parts: list[pd.DataFrame],
+    taxonomy: list[str] | None,
+    oos_label: str | None,
+    feedback: pd.DataFrame | None = None,
+    proposed: list[str] | None = None,
+) -> tuple[pd.DataFrame, dict]:
+    """Concatenate parsed files (and reviewed feedback) into the canonical table and settle the taxonomy.
+
+    Args:
+        feedback: rows from the labelling loop (origin_split "feedback"); `split` puts them in train only.
+        proposed: intents labellers proposed; those not already in the taxonomy extend it.
 
     Returns:
-        (canonical table, taxonomy record {"labels", "oos_label", "source"})
+        (canonical table, taxonomy record {"labels", "oos_label", "source", "proposed"})
     """
-    table = pd.concat(parts, ignore_index=True)[CANONICAL_COLUMNS]
+    frames = [*parts, feedback] if feedback is not None and len(feedback) else parts
+    table = pd.concat(frames, ignore_index=True)[CANONICAL_COLUMNS]
+    dataset = pd.concat(parts, ignore_index=True)
     if taxonomy is None:
-        labels = sorted(set(table["label"]) - {oos_label, ""})
+        labels = sorted(set(dataset["label"]) - {oos_label, ""})
         record = {"labels": labels, "oos_label": oos_label, "source": "derived from the data"}
     else:
         record = {"labels": list(taxonomy), "oos_label": oos_label, "source": "taxonomy file"}
+    added = [name for name in proposed or [] if name not in record["labels"] and name != oos_label]
+    record["labels"] = record["labels"] + added
+    record["proposed"] = added
     return table, record
+
+
+def read_feedback_file(path: str | Path) -> tuple[pd.DataFrame, list[str]]:
+    """The reviewed labels (`intentops label export`), a dependency of this stage; git keeps a header-only file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("feedback labels file not found", where=str(path),
+                        fix="restore the header-only file with `git checkout -- data/feedback/labels.csv`, "
+                            "or write it with `intentops label export`")
+    return read_feedback(path.read_bytes(), str(path))
 
 
 def fetch_dataset(data: DictConfig, ingest: DictConfig, raw_dir: Path) -> tuple[list[pd.DataFrame], list[str] | None, list[dict]]:
@@ -73,13 +98,17 @@ def main() -> None:
     with atomic_path(paths.raw_dir) as raw_tmp:
         raw_tmp.mkdir(parents=True)
         parts, taxonomy, manifest = fetch_dataset(cfg.data, cfg.ingest, raw_tmp)
-        table, tax = run_ingest(parts, taxonomy, cfg.data.oos_label)
+        feedback, proposed = read_feedback_file(paths.feedback_labels)
+        manifest.append({"key": "feedback", "location": str(paths.feedback_labels), "rows": len(feedback),
+                         "proposed_intents": proposed})
+        table, tax = run_ingest(parts, taxonomy, cfg.data.oos_label, feedback, proposed)
         write_json(raw_tmp / "manifest.json", {"dataset": cfg.data.name, "files": manifest})
         # Write the derived outputs before the raw folder is swapped in, so a failure replaces nothing.
         write_parquet(paths.canonical, table)
         write_json(paths.taxonomy, tax)
     counts = table.groupby("origin_split").size().to_dict()
-    log.info("ingested %d rows from %s: %s; %d labels (%s)", len(table), cfg.data.name, counts, len(tax["labels"]), tax["source"])
+    log.info("ingested %d rows from %s: %s; %d labels (%s; proposed by labellers: %s)", len(table), cfg.data.name,
+             counts, len(tax["labels"]), tax["source"], tax["proposed"] or "none")
 
 
 if __name__ == "__main__":

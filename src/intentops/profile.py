@@ -1,4 +1,9 @@
-"""Stage `profile`: the training vocabulary and the whylogs reference profile that drift checks compare against."""
+"""Stage `profile`: the training vocabulary and the whylogs reference profile that drift checks compare against.
+
+The reference holds the text features of the validation split and the outputs of the exported model
+(`paths.bundle_dir`, the bundle that `promote` copies into the registry and serving loads) on it:
+predicted intent, calibrated confidence and top1-top2 margin, as serving logs them per request.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +20,13 @@ log = logging.getLogger(__name__)
 def main() -> None:
     cfg = load_params()
     p = cfg.paths
-    write_reference(p.train, p.val, p.monitoring_vocab, p.monitoring_reference, cfg.monitor.features.vocab_min_count)
-    log.info("reference profile written to %s (vocabulary: %s)", p.monitoring_reference, p.monitoring_vocab)
+    write_reference(
+        p.train, p.val, p.monitoring_vocab, p.monitoring_reference, cfg.monitor.features.vocab_min_count, p.bundle_dir
+    )
+    log.info(
+        "reference profile of %s with the outputs of %s written to %s (vocabulary: %s)",
+        p.val, p.bundle_dir, p.monitoring_reference, p.monitoring_vocab,
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from intentops.config import load_params
-from intentops.data.readers import match_key
+from intentops.data.readers import FEEDBACK_SPLIT, match_key
 from intentops.errors import UserError, cli_entry
 from intentops.io import read_json, write_json, write_parquet
 
@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 # Origin splits as published, mapped to the split they feed; oos_train is optional (see split.oos_as_class).
-ORIGIN_TO_SPLIT = {"train": "train", "val": "val", "test": "test", "oos_val": "val", "oos_test": "test"}
+# Reviewed feedback joins train only: it is never carved into val or test, so test stays the official split.
+ORIGIN_TO_SPLIT = {"train": "train", "val": "val", "test": "test", "oos_val": "val", "oos_test": "test",
+                   FEEDBACK_SPLIT: "train"}
 
 
 def stratified_holdout(df: pd.DataFrame, fraction: float, seed: int) -> pd.Series:
@@ -32,13 +34,24 @@ def stratified_holdout(df: pd.DataFrame, fraction: float, seed: int) -> pd.Serie
 
 
 def run_split(
-    table: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int, oos_as_class: bool = False
+    table: pd.DataFrame,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    oos_as_class: bool = False,
+    holdout_intents: list[str] | tuple[str, ...] = (),
 ) -> tuple[dict[str, pd.DataFrame], dict]:
     """Assign every canonical row to train, val or test.
 
     Rows whose normalised text (case-folded) also occurs in a later split are dropped from the earlier one,
     with test > val > train as the order of precedence, so no text appears in more than one split;
-    repeats within train or val keep their first copy. Test rows are never dropped.
+    repeats within train or val keep their first copy. Test rows are never dropped. Feedback rows go to
+    train only and are left out of every carve, so the dataset's own train/val/test assignment does not
+    move when feedback arrives.
+
+    Args:
+        holdout_intents: intents whose dataset rows are dropped from train and val (test keeps them); a
+            simulation of intents the model has never seen. Reviewed feedback rows of these intents stay.
 
     Returns:
         ({split: frame}, stats for reports)
@@ -49,20 +62,33 @@ def run_split(
             where="conf/config.yaml: split",
             fix="use e.g. split.val_fraction=0.1",
         )
+    unknown = sorted(set(holdout_intents) - set(table["label"]))
+    if unknown:
+        raise UserError(
+            f"split.holdout_intents names intents the data does not have: {unknown[:5]}",
+            where="conf/config.yaml: split.holdout_intents",
+            fix="use labels from data/interim/taxonomy.json, or [] to hold none out",
+        )
     df = table.copy()
     mapping = dict(ORIGIN_TO_SPLIT, oos_train="train" if oos_as_class else None)
     df["split"] = df["origin_split"].map(lambda s: mapping.get(s, "train"))
     dropped_oos_train = int(df["split"].isna().sum())
     df = df[df["split"].notna()].copy()
     stats: dict = {"seed": seed, "dropped_oos_train": dropped_oos_train}
+    carvable = (df["split"] == "train") & (df["origin_split"] != FEEDBACK_SPLIT)
     if not (df["split"] == "test").any():
-        carve = stratified_holdout(df[df["split"] == "train"], test_fraction, seed)
+        carve = stratified_holdout(df[carvable], test_fraction, seed)
         df.loc[carve[carve].index, "split"] = "test"
         stats["test_carved_fraction"] = test_fraction
+        carvable &= df["split"] == "train"
     if not (df["split"] == "val").any():
-        carve = stratified_holdout(df[df["split"] == "train"], val_fraction, seed + 1)
+        carve = stratified_holdout(df[carvable], val_fraction, seed + 1)
         df.loc[carve[carve].index, "split"] = "val"
         stats["val_carved_fraction"] = val_fraction
+    if holdout_intents:
+        held = df["label"].isin(list(holdout_intents)) & (df["split"] != "test") & (df["origin_split"] != FEEDBACK_SPLIT)
+        df = df[~held].copy()
+        stats["holdout"] = {"intents": sorted(holdout_intents), "dropped_rows": int(held.sum())}
 
     df["_key"] = df["text"].map(match_key)
     rank = df["split"].map({"train": 0, "val": 1, "test": 2})
@@ -73,6 +99,9 @@ def run_split(
     within = ~cross & (df["split"] != "test") & df.duplicated(["split", "_key"], keep="first")
     stats["dropped_cross_split_repeats"] = int(cross.sum())
     stats["dropped_within_split_repeats"] = int(within.sum())
+    feedback = df["origin_split"] == FEEDBACK_SPLIT
+    stats["feedback"] = {"rows": int(feedback.sum()), "in_train": int((feedback & ~cross & ~within).sum()),
+                         "dropped_as_repeats": int((feedback & (cross | within)).sum())}
     df = df[~cross & ~within].drop(columns=["_key"])
     frames = {s: df[df["split"] == s].drop(columns=["split"]).reset_index(drop=True) for s in SPLITS}
     stats["rows"] = {s: len(f) for s, f in frames.items()}
@@ -87,7 +116,8 @@ def main() -> None:
     table = pd.read_parquet(paths.canonical)
     read_json(paths.validation_result)  # the gate: split runs only on data that passed validation
     frames, stats = run_split(
-        table, cfg.split.val_fraction, cfg.split.test_fraction, cfg.split.seed, cfg.split.get("oos_as_class", False)
+        table, cfg.split.val_fraction, cfg.split.test_fraction, cfg.split.seed, cfg.split.get("oos_as_class", False),
+        list(cfg.split.get("holdout_intents") or []),
     )
     for name, frame in frames.items():
         write_parquet(paths[name], frame)

@@ -22,10 +22,12 @@ from intentops.io import atomic_path, read_json, write_json
 log = logging.getLogger(__name__)
 
 # Bump when an expectation is added, removed or changed: it is stored in the suite's meta and the result.
-SUITE_VERSION = "1.0.0"
+SUITE_VERSION = "1.1.0"  # 1.1.0: reviewed feedback rows (origin_split "feedback")
 REQUIRED_COLUMNS = ["text", "label", "origin_split", "source_id"]
 TEST_SPLITS = {"test", "oos_test"}
-TRAIN_SPLITS = {"train"}
+# Feedback rows train the model (split puts them in train), so they count towards each class.
+TRAIN_SPLITS = {"train", "feedback"}
+FEEDBACK_SPLIT = "feedback"
 
 
 def derive_row_checks(table: pd.DataFrame) -> pd.DataFrame:
@@ -34,7 +36,9 @@ def derive_row_checks(table: pd.DataFrame) -> pd.DataFrame:
     - text_key: normalised, case-folded text;
     - labels_for_text_in_split: distinct labels the same text_key has within its split (conflict if > 1);
     - labels_for_text_overall: the same across all splits (cross-split conflicts, a warning);
-    - leaks_into_test: the exact text occurs in a test split and in a non-test split.
+    - leaks_into_test: the exact text occurs in a test split and in a non-test split;
+    - feedback_repeat: a feedback row whose text_key an earlier feedback row already has (the export
+      writes each reviewed item once, so a repeat means the file was edited or concatenated by hand).
     """
     df = table.copy()
     df["text"] = df["text"].astype("string")
@@ -44,6 +48,8 @@ def derive_row_checks(table: pd.DataFrame) -> pd.DataFrame:
     is_test = df["origin_split"].isin(TEST_SPLITS)
     test_texts, other_texts = set(df.loc[is_test, "text"].dropna()), set(df.loc[~is_test, "text"].dropna())
     df["leaks_into_test"] = df["text"].isin(test_texts & other_texts)
+    is_feedback = df["origin_split"] == FEEDBACK_SPLIT
+    df["feedback_repeat"] = is_feedback & df[is_feedback].duplicated("text_key").reindex(df.index, fill_value=False)
     return df
 
 
@@ -72,7 +78,14 @@ def build_suites(labels: list[str], oos_label: str | None, params) -> dict[str, 
             description=f"text length is within [{params.text_min_chars}, {params.text_max_chars}] characters",
         ),
         gxe.ExpectColumnValuesToNotBeNull(column="label", description="label is non-null"),
-        gxe.ExpectColumnValuesToBeInSet(column="label", value_set=allowed, description="labels are within the taxonomy"),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="label", value_set=allowed,
+            description="labels are within the taxonomy (extended by intents proposed as new:<name> in feedback)",
+        ),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="feedback_repeat", value_set=[False],
+            description="no duplicate texts in the reviewed feedback (data/feedback/labels.csv)",
+        ),
         gxe.ExpectCompoundColumnsToBeUnique(
             column_list=["origin_split", "text"], severity=W,
             description="no exact duplicate texts within a split (after whitespace normalisation); `split` keeps one",

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from intentops.config import write_params
-from support import fixture_overrides, fixture_rows, make_project, run, sha256, to_csv, write_mirror
+from support import ROOT, fixture_overrides, fixture_rows, make_project, run, sha256, to_csv, write_mirror
 
 STAGE = "split"  # the data part of the pipeline; modelling stages have their own tests
 
@@ -219,7 +219,8 @@ def test_bad_input_is_reported_clearly(project, tmp_path, monkeypatch, case):
     env = {"INTENTOPS_PARAMS": str(params), "INTENTOPS_DATA_MIRROR": "" if case == "unreachable url" else str(mirror)}
     # Run the stages as dvc.yaml does, in a scratch folder so the module's repo stays intact.
     scratch = tmp_path / "work"
-    scratch.mkdir()
+    (scratch / "data/feedback").mkdir(parents=True)
+    (scratch / "data/feedback/labels.csv").write_bytes((repo / "data/feedback/labels.csv").read_bytes())
     procs = []
     for s in ("ingest", "validate"):
         procs.append(run(["python", "-m", f"intentops.{s}"], scratch, env, check=False))
@@ -235,6 +236,69 @@ def test_bad_input_is_reported_clearly(project, tmp_path, monkeypatch, case):
     assert not (scratch / "data/processed").exists()
     if stage == "ingest":
         assert not (scratch / "data/interim").exists(), "a failed ingest must not half-write its outputs"
+
+
+def feedback_csv(rows: list[tuple[str, str]]) -> str:
+    header = (ROOT / "data/feedback/labels.csv").read_text().splitlines()[0]
+    return "\n".join([header, *(f'"{t}",{lb}' + "," * (header.count(",") - 1) for t, lb in rows)]) + "\n"
+
+
+def test_feedback_labels_join_train_only_and_new_intents_extend_the_taxonomy(project):
+    repo, _, _, env, _ = project
+    labels = repo / "data/feedback/labels.csv"
+    original = labels.read_text()
+    _, test = fixture_rows()
+    new_intent = [(f"I want to upgrade my card to metal number {i}", "new:card_upgrade") for i in range(6)]
+    rows = [*new_intent, ("my pin got blocked at the atm", "pin_blocked"), (test[0][0], test[0][1])]
+    labels.write_text(feedback_csv(rows))
+    try:
+        proc = run(["dvc", "repro", STAGE], repo, env)
+        assert "Running stage 'ingest'" in proc.stdout  # the labels file is a dependency
+        taxonomy = json.loads((repo / "data/interim/taxonomy.json").read_text())
+        assert taxonomy["proposed"] == ["card_upgrade"] and taxonomy["labels"][-1] == "card_upgrade"
+        frames = {s: pd.read_parquet(repo / f"data/processed/{s}.parquet") for s in ("train", "val", "test")}
+        fb = frames["train"][frames["train"]["origin_split"] == "feedback"]
+        assert sorted(fb["text"]) == sorted(t for t, _ in rows[:-1])  # the test text stays in test only
+        assert set(fb.loc[fb["text"].str.contains("metal"), "label"]) == {"card_upgrade"}
+        assert not (frames["val"]["origin_split"] == "feedback").any()
+        assert not (frames["test"]["origin_split"] == "feedback").any() and len(frames["test"]) == len(test)
+        stats = json.loads((repo / "reports/data/split.json").read_text())
+        assert stats["feedback"] == {"rows": 8, "in_train": 7, "dropped_as_repeats": 1}
+    finally:
+        labels.write_text(original)
+    run(["dvc", "repro", STAGE], repo, env)
+
+
+BAD_FEEDBACK = {
+    "label outside the taxonomy": ([("please refund me now", "refund_requested")],
+                                   ["labels are within the taxonomy", "labels.csv:2"]),
+    "duplicate text": ([("my pin got blocked at the atm", "pin_blocked")] * 2,
+                       ["no duplicate texts in the reviewed feedback", "labels.csv:3"]),
+    "blank text": ([("   ", "pin_blocked")], ["text is not blank", "labels.csv:2"]),
+    "bad proposed name": ([("upgrade to metal", "new:Card Upgrade")], ["new:<snake_case_name>", "labels.csv:2"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FEEDBACK))
+def test_bad_feedback_is_stopped_with_the_row(project, tmp_path, monkeypatch, case):
+    """Feedback goes through the same Great Expectations suite; a bad row stops the pipeline, naming its line."""
+    repo, mirror, shas, _, _ = project
+    rows, expected = BAD_FEEDBACK[case]
+    monkeypatch.chdir(repo)
+    params = tmp_path / "params.yaml"
+    write_params(params, fixture_overrides(shas))
+    scratch = tmp_path / "work"
+    (scratch / "data/feedback").mkdir(parents=True)
+    (scratch / "data/feedback/labels.csv").write_text(feedback_csv(rows))
+    env = {"INTENTOPS_PARAMS": str(params), "INTENTOPS_DATA_MIRROR": str(mirror)}
+    procs = []
+    for s in ("ingest", "validate"):
+        procs.append(run(["python", "-m", f"intentops.{s}"], scratch, env, check=False))
+        if procs[-1].returncode != 0:
+            break
+    assert procs[-1].returncode != 0 and "Traceback" not in procs[-1].stderr
+    for piece in expected:
+        assert piece in procs[-1].stderr, f"{case}: {piece!r} not in:\n{procs[-1].stderr}"
 
 
 def test_dvc_exp_run_composes_conf_with_overrides(project, tmp_path):

@@ -117,10 +117,36 @@ def test_errors_exit_2_with_a_message(project, capsys):
     assert "reference profile not found" in capsys.readouterr().err
 
     with pytest.raises(SystemExit) as exc:
-        cli.main(["drift-check", "--retrain"])
+        cli.main(["drift-check", "--serve-url", "http://127.0.0.1:8000"])
     assert exc.value.code == 2
-    assert "needs the export and promote stages" in capsys.readouterr().err
+    assert "--serve-url only applies with --retrain" in capsys.readouterr().err
     assert not Path("reports/drift/report.json").exists()  # failed checks leave no half report
+
+
+def test_retrain_without_drift_does_nothing_and_with_too_few_labels_explains(project, capsys):
+    """--retrain: no drift -> exit 0, nothing run; drift but fewer new reviewed labels than configured -> exit 11."""
+    from intentops.config import load_params
+    from intentops.feedback import store
+    from intentops.monitor.retrain import TOO_FEW_LABELS_EXIT_CODE
+
+    write_traffic(same_distribution())
+    cli.main(["drift-check", "--retrain"])  # returns: exit 0
+    assert "no drift" in capsys.readouterr().out and not Path("data/feedback/labels.csv").exists()
+
+    params = load_params()
+    Path(params.paths.taxonomy).parent.mkdir(parents=True, exist_ok=True)
+    Path(params.paths.taxonomy).write_text(json.dumps({"labels": sorted({lb for _, lb in fixture_rows()[0]})}))
+    engine = store.engine_from_params(params)
+    store.upgrade(engine)
+    engine.dispose()
+    write_traffic(shifted())
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["drift-check", "--retrain", "--last-n", "3"])
+    assert exc.value.code == TOO_FEW_LABELS_EXIT_CODE == 11
+    err = capsys.readouterr().err
+    assert "only 0 new reviewed label(s)" in err and "at least 50" in err and "intentops label" in err
+    assert json.loads(Path("reports/drift/report.json").read_text())["drift"] is True
+    assert not Path("data/feedback/labels.csv").exists()  # nothing exported, nothing retrained
 
 
 def test_dispatch_on_drift_sends_the_repository_dispatch(project, monkeypatch):

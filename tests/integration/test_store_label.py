@@ -155,12 +155,13 @@ def test_two_annotators_adjudication_kappa_and_export(project):
         "p1": (TEXTS["p1"], "card_arrival", "majority"),
         "p2": (TEXTS["p2"], "card_arrival", "adjudicated"),
         "p3": (TEXTS["p3"], "pin_blocked", "adjudicated"),
+        "p4": (TEXTS["p4"], "new:crypto_wallet", "majority"),  # a proposed intent: ingest adds it
         "p6": (TEXTS["p6"], "top_up_failed", "majority"),
     }
     assert json.loads(rows["p2"]["votes"]) == {"ann": "card_delivery_estimate", "bob": "lost_or_stolen_card"}
     assert rows["p2"]["adjudicator"] == "lead" and rows["p1"]["guideline_version"] == "1"
     report = json.loads((cwd / params.paths.feedback_agreement).read_text())
-    assert report["status"] == {"exported": 4, "proposals": 1, "pending": 1}
+    assert report["status"] == {"exported": 5, "proposals": 1, "pending": 1}
     assert report["mean_kappa"] == pytest.approx(kappa)
 
     prune = intentops("queue", "prune", "--days", "0", cwd=cwd)  # everything is older than now

@@ -73,7 +73,7 @@ def test_agreement_matches_sklearn_and_handles_undefined_pairs():
     assert stats["unanimous_share_by_label"] == {"a": 0.5, "b": 1.0, "c": 1.0}
 
 
-def test_export_table_keeps_trainable_resolved_items_only():
+def test_export_table_keeps_resolved_items_and_proposed_intents():
     items = [
         {"prediction_id": p, "text": f"text {p}", "model_version": "v1", "suggested_intent": "card_arrival"}
         for p in ("p1", "p2", "p3", "p4")
@@ -86,8 +86,10 @@ def test_export_table_keeps_trainable_resolved_items_only():
     }
     adjudicated = {"p4": {"label": "lost_or_stolen_card", "adjudicator": "lead", "reason": "rule 2"}}
     table, status = export_table(items, votes, adjudicated, TAX, min_annotators=2, guideline_version="1")
+    # The proposal keeps its new: prefix; ingest extends the taxonomy with it.
     assert table[["text", "label", "method"]].values.tolist() == [
         ["text p1", "card_arrival", "majority"],
+        ["text p2", "new:x", "majority"],
         ["text p4", "lost_or_stolen_card", "adjudicated"],
     ]
-    assert status == {"exported": 2, "proposals": 1, "pending": 1}
+    assert status == {"exported": 3, "proposals": 1, "pending": 1}

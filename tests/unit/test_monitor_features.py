@@ -80,3 +80,19 @@ def test_utterance_features_with_predictions_and_length_mismatch():
     assert list(df.columns) == [*TEXT_FEATURES, *PREDICTION_FEATURES]
     with pytest.raises(ValueError, match="1 texts but 2 predictions"):
         utterance_features(["a"], VOCAB, preds * 2)
+
+
+def test_reference_and_serving_see_the_same_prediction_features():
+    """The profile stage feeds Predictor.predict rows; serving feeds its queue-shaped rows (serve_api.store_top_k)."""
+    from intentops.serve_api import store_top_k
+
+    predictor_row = {
+        "intent": "card_arrival",
+        "confidence": 0.6,
+        "top_k": [{"intent": "card_arrival", "confidence": 0.6}, {"intent": "pin_blocked", "confidence": 0.25}],
+    }
+    serving_row = {"intent": "card_arrival", "confidence": 0.6, "top_k": store_top_k(predictor_row)}
+    assert prediction_features(predictor_row) == prediction_features(serving_row)
+    reference = utterance_features(["my card"], VOCAB, [predictor_row])
+    live = utterance_features(["my card"], VOCAB, [serving_row])
+    assert reference.equals(live) and list(live.columns) == [*TEXT_FEATURES, *PREDICTION_FEATURES]

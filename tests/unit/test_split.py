@@ -56,3 +56,36 @@ def test_holdout_leaves_singletons_in_train_and_bad_fraction_is_rejected():
     assert not mask.iloc[0] and mask.iloc[1:].sum() == 2
     with pytest.raises(UserError, match="fractions"):
         run_split(canonical(), val_fraction=1.5, test_fraction=0.2, seed=0)
+
+
+def feedback_rows(rows):
+    return pd.DataFrame([(t, lab, "feedback", f"labels.csv:{i + 2}") for i, (t, lab) in enumerate(rows)],
+                        columns=["text", "label", "origin_split", "source_id"])
+
+
+def test_feedback_joins_train_only_and_leaves_the_dataset_split_as_it_was():
+    table = canonical()
+    frames, _ = run_split(table, 0.2, 0.2, seed=5)
+    fb = feedback_rows([(f"my pin is blocked again, case {i}", "pin_blocked") for i in range(10)])
+    with_fb, stats = run_split(pd.concat([table, fb], ignore_index=True), 0.2, 0.2, seed=5)
+    assert with_fb["val"].equals(frames["val"]) and with_fb["test"].equals(frames["test"])
+    assert (with_fb["train"]["origin_split"] == "feedback").sum() == 10 == stats["feedback"]["in_train"]
+    # A dataset without a test file: test is carved from the dataset's rows only, never from feedback.
+    no_test = pd.concat([table[table["origin_split"] == "train"], fb], ignore_index=True)
+    carved, _ = run_split(no_test, 0.2, 0.25, seed=3)
+    assert not (carved["test"]["origin_split"] == "feedback").any()
+    assert not (carved["val"]["origin_split"] == "feedback").any()
+
+
+def test_holdout_intents_leave_train_and_val_but_not_test_or_feedback():
+    table = canonical()
+    fb = feedback_rows([("please unblock my pin, it is locked", "pin_blocked")])
+    frames, stats = run_split(pd.concat([table, fb], ignore_index=True), 0.2, 0.2, seed=5,
+                              holdout_intents=["pin_blocked"])
+    assert set(frames["train"].loc[frames["train"]["label"] == "pin_blocked", "origin_split"]) == {"feedback"}
+    assert "pin_blocked" not in set(frames["val"]["label"])
+    assert (frames["test"]["label"] == "pin_blocked").sum() == ((table["origin_split"] == "test")
+                                                                 & (table["label"] == "pin_blocked")).sum()
+    assert stats["holdout"]["intents"] == ["pin_blocked"] and stats["holdout"]["dropped_rows"] > 0
+    with pytest.raises(UserError, match="holdout_intents"):
+        run_split(table, 0.2, 0.2, seed=5, holdout_intents=["no_such_intent"])

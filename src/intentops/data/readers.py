@@ -90,6 +90,51 @@ def read_csv_rows(
     return pd.DataFrame.from_records(records, columns=CANONICAL_COLUMNS)
 
 
+FEEDBACK_SPLIT = "feedback"
+NEW_INTENT_PREFIX = "new:"
+_INTENT_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def read_feedback(data: bytes, where: str) -> tuple[pd.DataFrame, list[str]]:
+    """Read `intentops label export`'s CSV (columns `text`, `label`, provenance after them).
+
+    A header without rows is valid (no feedback yet). A label `new:<snake_case_name>` is an intent a
+    labeller proposed (docs/labeling-guidelines.md): the row keeps `<name>` as its label and the name is
+    returned so that the taxonomy can be extended with it.
+
+    Returns:
+        (canonical rows with origin_split "feedback", the proposed intent names in order of appearance)
+    """
+    text = decode_utf8(data, where)
+    if not text.strip():
+        raise UserError("the feedback file is empty (not even a header)", where=where,
+                        fix="restore it with `git checkout -- <file>`, or write it with `intentops label export`")
+    body = [line for line in text.splitlines()[1:] if line.strip()]
+    if not body:
+        header = next(csv.reader(io.StringIO(text)))
+        missing = [c for c in ("text", "label") if c not in [h.strip() for h in header]]
+        if missing:
+            raise UserError(f"missing column(s) {missing}; the header has {header}", where=f"{where}:1",
+                            fix="write the file with `intentops label export`")
+        return pd.DataFrame(columns=CANONICAL_COLUMNS), []
+    rows = read_csv_rows(data, where, FEEDBACK_SPLIT, "text", "label")
+    proposed: list[str] = []
+    for i, label in rows["label"].items():
+        if not label.startswith(NEW_INTENT_PREFIX):
+            continue
+        name = label[len(NEW_INTENT_PREFIX):]
+        if not _INTENT_NAME.fullmatch(name):
+            raise UserError(
+                f"proposed intent {label!r} is not new:<snake_case_name>",
+                where=f"{where}:{rows.at[i, 'source_id'].rsplit(':', 1)[-1]}",
+                fix="name new intents in lower snake_case (docs/labeling-guidelines.md), e.g. new:card_upgrade",
+            )
+        rows.at[i, "label"] = name
+        if name not in proposed:
+            proposed.append(name)
+    return rows, proposed
+
+
 def read_clinc_json(data: bytes, where: str, oos_label: str = "oos") -> pd.DataFrame:
     """Read an oos-eval JSON file: {split: [[text, intent], ...]}; `oos_*` splits keep their name."""
     try:

@@ -255,10 +255,14 @@ def export_table(
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """The labelled rows ready for training (text, label + provenance) and a count of every item's status.
 
-    Items whose final label is outside the taxonomy (`new:` proposals, out_of_scope without an
-    out-of-scope class) are counted as `proposals`, not exported.
+    A proposed intent keeps its `new:<name>` label in the export: `ingest` extends the taxonomy with it
+    (status `exported`, and also counted in `proposals`). Items whose final label cannot train
+    (out_of_scope without an out-of-scope class) are counted as `not_trainable`, a resolved item whose
+    text an earlier item already has as `repeats`; neither is exported.
     """
-    rows, status = [], Counter()
+    from intentops.data.readers import match_key
+
+    rows, status, seen = [], Counter(), set()
     for item in items:
         pid = item["prediction_id"]
         adj = adjudicated.get(pid)
@@ -267,8 +271,15 @@ def export_table(
         if label is None:
             status[method] += 1
             continue
-        if not taxonomy.trainable(label):
+        key = match_key(item["text"])
+        if key in seen:  # the same message queued twice (sent twice): one training row is enough
+            status["repeats"] += 1
+            continue
+        seen.add(key)
+        if label.startswith(NEW_PREFIX):
             status["proposals"] += 1
+        elif not taxonomy.trainable(label):
+            status["not_trainable"] += 1
             continue
         status["exported"] += 1
         rows.append(

@@ -1,7 +1,9 @@
 """Drift check: the latest profile windows against the reference profile, per feature, with whylogs.
 
 `intentops drift-check` exits 0 when no feature drifted, DRIFT_EXIT_CODE (10) when drift was
-found, and 2 for any other problem (missing profiles, too few rows, bad config).
+found, and 2 for any other problem (missing profiles, too few rows, bad config). With `--retrain`
+(see `retrain.py`): 0 no drift (nothing to do) or a new model promoted, 11 drift but too few new
+reviewed labels, 12 retrained but not promoted.
 """
 
 from __future__ import annotations
@@ -270,11 +272,17 @@ def main(
     profiles: str | None = None,
     last_n: int | None = None,
     dispatch: bool = False,
+    retrain: bool = False,
+    serve_url: str | None = None,
 ) -> dict[str, Any]:
     """Run the drift check the CLI asks for: load, compare, write reports, then act on drift.
 
+    Args:
+        retrain: on drift, run `retrain.retrain` (export labels, dvc repro, gate, promotion, swap).
+        serve_url: with `retrain`, wait until the app at this URL serves the promoted version.
+
     Raises:
-        DriftDetected: drift was found (after the reports are written and any dispatch is sent).
+        DriftDetected: drift was found (after the reports are written and any dispatch is sent), without `retrain`.
     """
     from intentops.io import write_json
 
@@ -302,12 +310,21 @@ def main(
     write_json(paths.drift_report, report)
     render_report(report, reference_view, current_view, paths.drift_html, paths.drift_plot)
     log.info("drift report: %s, %s", paths.drift_report, paths.drift_html)
+    print(f"drift report: {paths.drift_report}, {paths.drift_html}, {paths.drift_plot}", flush=True)
 
     if not report["drift"]:
-        print(f"no drift ({current_rows} rows, {len(windows)} window(s)); report: {paths.drift_report}")
+        print(f"no drift ({current_rows} rows, {len(windows)} window(s)); report: {paths.drift_report}"
+              + ("; nothing to retrain" if retrain else ""))
         return report
     if dispatch:
         dispatch_drift(report)
+    if retrain:
+        from intentops.monitor.retrain import retrain as run_retrain
+
+        print(f"drift in {', '.join(report['drifted_features'])}: retraining", flush=True)
+        report["retrain"] = run_retrain(params, report, serve_url)
+        write_json(paths.drift_report, report)
+        return report
     raise DriftDetected(
         f"drift in {len(report['drifted_features'])} feature(s): {', '.join(report['drifted_features'])}",
         where=f"{paths.drift_report} (and {paths.drift_html})",

@@ -65,14 +65,15 @@ def prediction_features(prediction: Mapping[str, Any]) -> dict[str, Any]:
 
     Args:
         prediction: `{"intent": str, "confidence": float, "top_k": [{"intent": str, "score": float}, ...]}`,
-            the shape the review queue stores; `top_k` is optional and sorted best first.
+            the shape the review queue stores (`Predictor.predict`'s `"confidence"` in place of `"score"` works
+            too); `top_k` is optional and sorted best first.
 
     Returns:
         predicted intent, confidence, and the top-1 minus top-2 score margin (the confidence itself
         when fewer than two scores are given).
     """
     confidence = float(prediction["confidence"])
-    scores = [float(k["score"]) for k in prediction.get("top_k") or []]
+    scores = [float(k["score"] if "score" in k else k["confidence"]) for k in prediction.get("top_k") or []]
     margin = scores[0] - scores[1] if len(scores) >= 2 else confidence
     return {"predicted_intent": str(prediction["intent"]), "confidence": confidence, "margin": margin}
 

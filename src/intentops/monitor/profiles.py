@@ -82,10 +82,26 @@ def reference_profile(
     return vocab, profile_frame(utterance_features(reference_texts, vocab, predictions))
 
 
+def reference_predictions(bundle_dir: str, texts: Sequence[str]) -> list[dict[str, Any]]:
+    """The model's outputs on `texts` through the one Predictor, as serving computes them (top-2 for the margin)."""
+    from intentops.predictor import Predictor
+
+    return Predictor.load(bundle_dir).predict(list(texts), top_k=2)
+
+
 def write_reference(
-    train_path: str, val_path: str, vocab_path: str, reference_path: str, vocab_min_count: int
+    train_path: str,
+    val_path: str,
+    vocab_path: str,
+    reference_path: str,
+    vocab_min_count: int,
+    bundle_dir: str | None = None,
 ) -> DatasetProfileView:
-    """Build the vocabulary and reference profile from the split's parquet files and write both atomically."""
+    """Build the vocabulary and reference profile from the split's parquet files and write both atomically.
+
+    With `bundle_dir` (the model that serving runs), the profile also holds the model's outputs on the
+    validation texts, so live predicted intents, confidences and margins are compared like for like.
+    """
     from intentops.io import write_json
 
     texts = {}
@@ -93,7 +109,8 @@ def write_reference(
         if not Path(path).is_file():
             raise UserError(f"{name} split not found", where=str(path), fix="run `dvc repro split` first")
         texts[name] = pd.read_parquet(path, columns=["text"])["text"].astype(str).tolist()
-    vocab, view = reference_profile(texts["train"], texts["val"], vocab_min_count)
+    predictions = reference_predictions(bundle_dir, texts["val"]) if bundle_dir else None
+    vocab, view = reference_profile(texts["train"], texts["val"], vocab_min_count, predictions)
     write_json(vocab_path, {"min_count": vocab_min_count, "tokens": sorted(vocab)})
     fs, root = url_to_fs(reference_path)
     put_atomic(fs, root, view.serialize())

@@ -1,0 +1,225 @@
+"""`intentops drift-check --retrain`: close the loop when drift is found and enough reviewed labels exist.
+
+In order: export the reviewed labels (`intentops label export`), `dvc repro` (ingest picks up the labels;
+DVC reruns only the stages whose inputs changed), read the promotion gate that the `promote` stage wrote,
+and, when a serving URL is given, wait until the running app has hot-swapped to the promoted version
+(it polls the registry's production pointer itself).
+
+Exit codes (documented in README.md and docs/operations.md): 0 promoted (and swapped), 11 drift but too
+few new reviewed labels, 12 retrained but the gate kept the champion, 2 any other error.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from intentops.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TOO_FEW_LABELS_EXIT_CODE = 11
+NOT_PROMOTED_EXIT_CODE = 12
+
+
+class TooFewLabels(UserError):
+    """Drift, but fewer new reviewed labels than `monitor.retrain.min_new_labels`: label more first."""
+
+    exit_code = TOO_FEW_LABELS_EXIT_CODE
+
+
+class NotPromoted(UserError):
+    """The pipeline retrained, but the gate kept the champion in production."""
+
+    exit_code = NOT_PROMOTED_EXIT_CODE
+
+
+def exported_ids(labels_csv: str | os.PathLike) -> set[str]:
+    """The prediction ids already in the labels file (they are in the training data of the current model)."""
+    path = Path(labels_csv)
+    if not path.is_file():
+        return set()
+    with path.open(newline="", encoding="utf-8") as f:
+        return {row["prediction_id"] for row in csv.DictReader(f) if row.get("prediction_id")}
+
+
+def new_label_count(params: Any) -> tuple[int, dict[str, int]]:
+    """(resolved labels in the store that the labels file does not hold yet, status of every queue item)."""
+    from intentops.feedback import store
+    from intentops.feedback.label import Taxonomy, export_table, load_state
+
+    engine = store.engine_from_params(params)
+    try:
+        store.check_schema(engine)
+        items, votes, _, adjudicated = load_state(engine)
+    finally:
+        engine.dispose()
+    cfg = params.feedback.label
+    table, status = export_table(
+        items,
+        votes,
+        adjudicated,
+        Taxonomy.read(params.paths.taxonomy),
+        int(cfg.min_annotators),
+        str(cfg.guideline_version),
+    )
+    known = exported_ids(params.paths.feedback_labels)
+    return int((~table["prediction_id"].isin(known)).sum()), status
+
+
+def stages_run(output: str) -> dict[str, list[str]]:
+    """Which stages a `dvc repro` output says it ran, restored from the run-cache, or skipped as unchanged."""
+    out: dict[str, list[str]] = {"ran": [], "restored": [], "unchanged": []}
+    for line in output.splitlines():
+        name = line.split("'")[1] if line.count("'") >= 2 else None
+        if line.startswith("Running stage"):
+            out["ran"].append(name)
+        elif line.startswith("Stage") and "is cached" in line:
+            out["restored"].append(name)
+        elif line.startswith("Stage") and "didn't change" in line:
+            out["unchanged"].append(name)
+    return out
+
+
+def dvc_repro(root: Path, log_line: Callable[[str], None] = print) -> tuple[float, str]:
+    """Run `dvc repro` in `root` with this interpreter's tools first on PATH; returns (seconds, its output)."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    dvc = Path(bin_dir) / "dvc"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [str(dvc) if dvc.is_file() else "dvc", "repro"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    for line in proc.stdout:  # stage names and our stages' summaries, as they come
+        lines.append(line)
+        line = line.rstrip()
+        if line.startswith(("Running stage", "Stage ")) or " INFO __main__" in line:
+            log_line(f"  dvc: {line[:200]}")
+    if proc.wait() != 0:
+        raise UserError(
+            f"`dvc repro` failed (exit {proc.returncode}); its last lines:\n" + "".join(lines[-20:]),
+            where=str(root),
+            fix="fix the failing stage (see above), then rerun `intentops drift-check "
+            "--retrain` or `dvc repro`; the last good model is still in production",
+        )
+    return time.perf_counter() - t0, "".join(lines)
+
+
+def read_gate(path: str | os.PathLike) -> dict[str, Any]:
+    """The promotion gate's decision (reports/promote/gate.json)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(
+            "no promotion gate result after `dvc repro`",
+            where=str(path),
+            fix="check that dvc.yaml has the promote stage and that it ran",
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def wait_for_swap(serve_url: str, version: str, timeout_s: float, poll_s: float = 1.0) -> float:
+    """Poll GET <serve_url>/v1/model until it serves `version`; returns the seconds waited."""
+    headers = {}
+    key = (os.environ.get("INTENTOPS_API_KEY") or "").split(",")[0].strip()
+    if key:
+        headers["X-API-Key"] = key
+    t0 = time.perf_counter()
+    seen = None
+    while time.perf_counter() - t0 < timeout_s:
+        try:
+            req = urllib.request.Request(f"{serve_url.rstrip('/')}/v1/model", headers=headers)
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                seen = json.loads(resp.read())["version"]
+            if seen == version:
+                return time.perf_counter() - t0
+        except (urllib.error.URLError, OSError, KeyError, ValueError) as err:
+            seen = f"unreachable ({err})"
+        time.sleep(poll_s)
+    raise UserError(
+        f"serving did not swap to {version} within {timeout_s:.0f} s (it serves {seen})",
+        where=f"{serve_url}/v1/model",
+        fix="check that the app watches the production pointer (user_config.bundle: production, "
+        "watch_interval_s > 0) and its replica logs for a failed reload",
+    )
+
+
+def retrain(
+    params: Any, report: Mapping[str, Any], serve_url: str | None = None, root: Path | None = None
+) -> dict[str, Any]:
+    """Export labels, `dvc repro`, read the gate and wait for the swap; see the module docstring.
+
+    Raises:
+        TooFewLabels, NotPromoted, UserError: see the exit codes above.
+    """
+    from intentops.feedback.label import main_export
+    from intentops.registry import Registry
+
+    cfg, paths = params.monitor.retrain, params.paths
+    root = Path(root or Path.cwd())
+    n_new, status = new_label_count(params)
+    if n_new < int(cfg.min_new_labels):
+        raise TooFewLabels(
+            f"drift in {', '.join(report['drifted_features'])}, but only {n_new} new reviewed label(s) "
+            f"(queue status: {status}); retraining needs at least {cfg.min_new_labels}",
+            where=f"review queue ({paths.feedback_db} or $INTENTOPS_DB_URL)",
+            fix="label the queue (`intentops label --annotator NAME`, several annotators), then rerun; "
+            "or lower monitor.retrain.min_new_labels",
+        )
+    t0 = time.perf_counter()
+    print(f"retrain 1/4: exporting {n_new} new reviewed label(s) to {paths.feedback_labels}", flush=True)
+    exported = main_export(params)
+    before = Registry.at(paths.registry_dir).production()
+    print("retrain 2/4: dvc repro (only stages whose inputs changed rerun)", flush=True)
+    repro_s, repro_out = dvc_repro(root, lambda line: print(line, flush=True))
+    gate = read_gate(paths.promote_gate)
+    after = Registry.at(paths.registry_dir).production()
+    print(
+        f"retrain 3/4: gate {'PROMOTED' if gate.get('promoted') else 'rejected'} {gate.get('challenger')} "
+        f"(champion {gate.get('champion')}): {'; '.join(gate.get('reasons', []))}",
+        flush=True,
+    )
+    result = {
+        "new_labels": n_new,
+        "exported_rows": exported["rows"],
+        "repro_seconds": round(repro_s, 1),
+        "stages": stages_run(repro_out),
+        "gate": gate,
+        "production_before": before,
+        "production_after": after,
+    }
+    if not gate.get("promoted") or after == before:
+        raise NotPromoted(
+            f"retrained, but production stays {before}: "
+            + (
+                "; ".join(gate.get("reasons", []))
+                if not gate.get("promoted")
+                else f"the challenger {gate.get('challenger')} is the model already in production"
+            ),
+            where=str(paths.promote_gate),
+            fix="read the gate's reasons; label more (or better) data, or change the model, and rerun",
+        )
+    print(f"retrain 4/4: production {before} -> {after}", flush=True)
+    if serve_url:
+        result["swap_seconds"] = round(wait_for_swap(serve_url, after, float(cfg.swap_timeout_s)), 1)
+        print(
+            f"serving at {serve_url} swapped to {after} ({result['swap_seconds']} s waited after dvc repro ended)",
+            flush=True,
+        )
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
