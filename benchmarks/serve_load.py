@@ -270,6 +270,7 @@ def main() -> None:
         "raw_batch": user_config["batching"]["max_batch_size"],
         "num_threads": user_config["num_threads"],
         "raw_by_threads": {t: round(r["sents_per_s"], 1) for t, r in raws.items()},
+        "raw_single_ms_by_threads": {t: round(r["single_ms"], 2) for t, r in raws.items()},
         "variant": user_config["variant"] or "fp32",
         **variant_accuracy(bundle_dir, user_config["variant"]),
         "load_avg_1m_before": round(os.getloadavg()[0], 2),
