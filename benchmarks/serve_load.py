@@ -9,6 +9,9 @@ bounded by a request count and a time cap. Measures, on the same machine and bun
   live  serving/app.py at concurrency 1, 8 and 32 (one text per request), then a list-of-texts client
 ceiling_rps = 1 / (1/echo_c32_rps + 1/raw_sents_per_s): the rate if HTTP and the model shared the
 CPU with no other loss. key=value pairs override serving user_config (e.g. batching.max_batch_size=16).
+RAY_SERVE_* variables in the environment reach every Ray process, so they apply to echo and live alike; the
+JSON line lists them (`ray_serve_env`). RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD defaults to 0, as
+serving/config.yaml deploys it; set it to 1 to measure Serve's default.
 `cpu_ms_per_req` splits the CPU time of each HTTP phase between Serve's proxy, the replica, Ray's daemons,
 this client and everything else on the machine ("other": a loaded machine shows here), from /proc, so an
 overhead can be located; `variant` and its test accuracy
@@ -268,9 +271,12 @@ def main() -> None:
         "raw_batch": user_config["batching"]["max_batch_size"],
         "num_threads": user_config["num_threads"],
         "raw_by_threads": {t: round(r["sents_per_s"], 1) for t, r in raws.items()},
+        "raw_single_ms_by_threads": {t: round(r["single_ms"], 2) for t, r in raws.items()},
         "variant": user_config["variant"] or "fp32",
         **variant_accuracy(bundle_dir, user_config["variant"]),
         "load_avg_1m_before": round(os.getloadavg()[0], 2),
+        # Serve's own switches from the environment: Ray's processes inherit them, echo and live alike.
+        "ray_serve_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")},
     }
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -283,6 +289,9 @@ def main() -> None:
         engine.dispose()
         user_config["store"]["db"] = str(db)
         user_config["monitoring"]["profiles"] = str(Path(tmp) / "profiles")
+        # As serving/config.yaml deploys the API; set here, so Ray's processes run echo and live alike with it.
+        os.environ.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
+        out["ray_serve_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")}
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -6,7 +6,6 @@ intentops.serve_api and intentops.serve_ledger.
 """
 
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -16,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -32,6 +32,7 @@ from intentops.serve_api import (
     PredictRequest,
     PredictResponse,
     RequestError,
+    RequestLog,
     api_key_ok,
     check_settings,
     merge_settings,
@@ -61,6 +62,7 @@ class Guard:
 
         self.app = asgi_app
         self.key = os.environ.get(API_KEY_ENV) or None
+        self.in_flight = 0  # requests inside this replica: the request log is flushed when none is left
         self.latency = Histogram(
             "intentops_request_latency_ms",
             description="Request latency in the replica (ms).",
@@ -86,6 +88,7 @@ class Guard:
                 info["status"] = message["status"]
             await send(message)
 
+        self.in_flight += 1
         try:
             if self.key and path not in OPEN_PATHS and not api_key_ok(scope["headers"], self.key):
                 await JSONResponse(
@@ -100,6 +103,7 @@ class Guard:
             else:
                 await self.app(scope, receive, send_status)
         finally:
+            self.in_flight -= 1
             self._observe(scope, path, info, (time.perf_counter() - start) * 1000)
 
     def _observe(self, scope: dict, path: str, info: dict, ms: float) -> None:
@@ -111,15 +115,20 @@ class Guard:
         if path in OPEN_PATHS:
             return  # probes every few seconds would drown the log
         info["method"], info["path"], info["latency_ms"] = scope["method"], route, round(ms, 2)
-        # The JSON file only: Serve would also format the line for stderr, which Ray's log monitor then tails.
-        log.info(
-            "%s %s %s %.1fms",
-            scope["method"],
-            route,
-            status,
-            ms,
-            extra={"ray_serve_extra_fields": info, "log_to_stderr": False},
+        # Our own JSON-lines file, not Ray's logger (which formats, stats and flushes the file per line):
+        # encoded here, written in one block when no request is left in flight or 64 lines are pending.
+        request_log().add(
+            {
+                "timestamp": time.time(),
+                "levelname": "INFO",
+                "message": f"{scope['method']} {route} {status} {ms:.1f}ms",
+                "request_id": _request_id(),
+                **_replica_fields(),
+                **info,
+            }
         )
+        if not self.in_flight:
+            request_log().flush()
 
 
 api.add_middleware(Guard)
@@ -148,6 +157,42 @@ def _request_id() -> str:
     from ray.serve.context import _get_serve_request_context
 
     return _get_serve_request_context().request_id
+
+
+_REQUEST_LOG: list[RequestLog] = []  # this replica's, opened on the first request that logs
+_REPLICA: dict[str, str] = {}
+
+
+def _replica_fields() -> dict[str, str]:
+    """application, deployment and replica of this process (what Serve's JSON log lines carry)."""
+    if not _REPLICA:
+        ctx = serve.get_replica_context()
+        _REPLICA.update(
+            application=ctx.app_name,
+            deployment=ctx.deployment,
+            replica=ctx.replica_id.unique_id,
+            component_name="replica",
+        )
+    return _REPLICA
+
+
+def request_log() -> RequestLog:
+    """The replica's request log: logs/serve/replica_<app>_<deployment>_<id>.requests.log in Ray's session dir."""
+    if not _REQUEST_LOG:
+        import ray
+        from ray.serve._private.logging_utils import get_serve_logs_dir
+
+        node = ray._private.worker._global_node
+        r = _replica_fields()
+        _REQUEST_LOG.append(
+            RequestLog(
+                Path(get_serve_logs_dir())
+                / f"replica_{r['application']}_{r['deployment']}_{r['replica']}.requests.log",
+                max_bytes=getattr(node, "max_bytes", 0) or 0,
+                backup_count=getattr(node, "backup_count", 0) or 0,
+            )
+        )
+    return _REQUEST_LOG[0]
 
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
@@ -325,7 +370,15 @@ class IntentService:
             self._tasks = [
                 asyncio.get_running_loop().create_task(self._watch_pointer()),
                 asyncio.get_running_loop().create_task(self._profile_loop()),
+                asyncio.get_running_loop().create_task(self._request_log_loop()),
             ]
+
+    async def _request_log_loop(self) -> None:
+        """Write buffered request log lines at least once a second (a busy replica may never be idle)."""
+        while True:
+            await asyncio.sleep(1.0)
+            if _REQUEST_LOG:
+                _REQUEST_LOG[0].flush()
 
     async def _watch_pointer(self) -> None:
         """Poll the production pointer; when its content changes, load the new version and swap it in."""
@@ -481,11 +534,8 @@ class IntentService:
         info = request.scope.get("intentops")
         if info is not None:
             info.update(model_version=version, n_texts=len(rows), out_of_scope=flagged, **call)
-        body = json.dumps(
-            {"request_id": _request_id(), "model_version": version, "predictions": rows},
-            separators=(",", ":"),
-        )
-        return Response(body, media_type="application/json")
+        body = orjson.dumps({"request_id": _request_id(), "model_version": version, "predictions": rows})
+        return Response(body, media_type="application/json")  # encoded once, not validated again
 
     @api.post("/v1/feedback", response_model=FeedbackResponse, status_code=201, responses={404: {}, 422: {}})
     async def feedback(self, body: FeedbackRequest) -> JSONResponse:
@@ -557,6 +607,8 @@ class IntentService:
         return get_swagger_ui_html(openapi_url="/openapi.json", title="intentops API")
 
     def __del__(self) -> None:
+        if _REQUEST_LOG:
+            _REQUEST_LOG[0].flush()
         self._flush_profiles()
         if self.profiles is not None:
             self.profiles.flush()

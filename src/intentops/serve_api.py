@@ -331,3 +331,60 @@ def import_app(root: Path) -> Any:
         sys.modules["serving"] = module
         spec.loader.exec_module(module)
     return importlib.import_module("serving.app")
+
+
+# --- the request log -----------------------------------------------------------------------------------------
+class RequestLog:
+    """One JSON line per request, buffered and written with one write() per flush; rotated by size.
+
+    Ray's logger formats, stats and flushes the file for every line; here `add` only encodes the line.
+    The replica flushes when no request is in flight, when `max_lines` are pending, on a timer and on
+    shutdown, so a quiet API writes each line at once and a busy one writes them in blocks.
+
+    Args:
+        path: the log file (appended to).
+        max_bytes: rotate past this size (path -> path.1 -> ... -> path.<backup_count>); 0: never.
+        backup_count: rotated files kept.
+        max_lines: flush when this many lines are pending.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, max_bytes: int = 0, backup_count: int = 0, max_lines: int = 64
+    ):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_bytes, self.backup_count, self.max_lines = max_bytes, backup_count, max_lines
+        self._lines: list[bytes] = []
+        self._file = open(self.path, "ab")  # noqa: SIM115 -- held open for the replica's life
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        import orjson
+
+        self._lines.append(orjson.dumps(record, default=str) + b"\n")
+        if len(self._lines) >= self.max_lines:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._lines:
+            return
+        data, self._lines = b"".join(self._lines), []
+        self._file.write(data)
+        self._file.flush()
+        if self.max_bytes and self._file.tell() >= self.max_bytes:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        self._file.close()
+        if self.backup_count:
+            for i in range(self.backup_count - 1, 0, -1):
+                older = self.path.with_name(f"{self.path.name}.{i}")
+                if older.exists():
+                    os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+            self._file = open(self.path, "ab")  # noqa: SIM115
+        else:
+            self._file = open(self.path, "wb")  # noqa: SIM115 -- no backups: start the file over
+
+    def close(self) -> None:
+        self.flush()
+        self._file.close()

@@ -19,8 +19,8 @@ from intentops.serve_api import store_top_k
 def record(engine: Engine, texts: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
     """Store a model call's API rows (shape of serve_api.shape_predictions) and queue the texts of flagged ones.
 
-    One transaction for the ids; the out-of-scope rows (out_of_distribution, low_confidence, ambiguous)
-    go to the review queue with their reason.
+    One transaction for the ids and the review queue: the out-of-scope rows (out_of_distribution,
+    low_confidence, ambiguous) go to the queue with their reason, in the same commit.
 
     Args:
         texts: the texts, in the order of `rows`.
@@ -38,11 +38,11 @@ def record(engine: Engine, texts: Sequence[str], rows: Sequence[Mapping[str, Any
         }
         for r in rows
     ]
-    with engine.begin() as conn:
-        conn.execute(store.predictions.insert(), values)  # fresh uuid4s: no conflict to handle
     review = review_items(texts, rows, now)
-    if review:
-        store.enqueue(engine, review)
+    with engine.begin() as conn:  # one transaction (one commit) per model call
+        conn.execute(store.predictions.insert(), values)  # fresh uuid4s: no conflict to handle
+        if review:
+            conn.execute(store.review_queue.insert(), review)  # same fresh ids: none is queued yet
 
 
 def review_items(

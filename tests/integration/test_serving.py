@@ -100,7 +100,14 @@ def served(tmp_path_factory):
             user_config=user_config,
             ray_actor_options={
                 "num_cpus": 1,
-                "runtime_env": {"env_vars": {"INTENTOPS_API_KEY": KEY, "INTENTOPS_ROOT": str(ROOT)}},
+                "runtime_env": {
+                    "env_vars": {
+                        "INTENTOPS_API_KEY": KEY,
+                        "INTENTOPS_ROOT": str(ROOT),
+                        # as serving/config.yaml deploys it: the routes on the replica's own event loop
+                        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                    }
+                },
             },
             logging_config={"encoding": "JSON", "enable_access_log": False},
         )
