@@ -1,6 +1,6 @@
 """Load-test the intent API on loopback and print ONE JSON line: raw model, Serve overhead (echo), live endpoint.
 
-    python benchmarks/serve_load.py [--bundle production|DIR] [--scale 1.0] [key=value ...]
+    python benchmarks/serve_load.py [--bundle production|DIR] [--variant fp32|int8] [--scale 1.0] [key=value ...]
 
 Starts everything itself (a local Ray with 2 CPUs, Serve on 127.0.0.1) and stops it; every level is
 bounded by a request count and a time cap. Measures, on the same machine and bundle:
@@ -9,6 +9,10 @@ bounded by a request count and a time cap. Measures, on the same machine and bun
   live  serving/app.py at concurrency 1, 8 and 32 (one text per request), then a list-of-texts client
 ceiling_rps = 1 / (1/echo_c32_rps + 1/raw_sents_per_s): the rate if HTTP and the model shared the
 CPU with no other loss. key=value pairs override serving user_config (e.g. batching.max_batch_size=16).
+`cpu_ms_per_req` splits the CPU time of each HTTP phase between Serve's proxy, the replica, Ray's daemons,
+this client and everything else on the machine ("other": a loaded machine shows here), from /proc, so an
+overhead can be located; `variant` and its test accuracy
+(from the bundle's card) say which graph was served.
 """
 
 import argparse
@@ -22,26 +26,75 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXTS = ["When will my new card arrive?", "I lost my card yesterday, please block it",
-         "What exchange rate do you use for euros?", "My top up failed again", "my PIN is blocked, help",
-         "Why was I charged twice for the same payment?", "How do I verify my identity?",
-         "I want to cancel a transfer I just made"]
+TEXTS = [
+    "When will my new card arrive?",
+    "I lost my card yesterday, please block it",
+    "What exchange rate do you use for euros?",
+    "My top up failed again",
+    "my PIN is blocked, help",
+    "Why was I charged twice for the same payment?",
+    "How do I verify my identity?",
+    "I want to cancel a transfer I just made",
+]
 
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] if ordered else float("nan")
+    return (
+        ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] if ordered else float("nan")
+    )
+
+
+# --- CPU accounting ----------------------------------------------------------------------------------------
+# Processes whose CPU time is reported apart (by command line); "other" is everything else on the machine.
+CPU_GROUPS = {
+    "proxy": b"ProxyActor",
+    "replica": b"ServeReplica",
+    "raylet": b"raylet",
+    "gcs": b"gcs_server",
+    "agent": b"agent",
+    "log_monitor": b"log_monitor",
+}
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by Serve's proxy, the replicas, Ray's daemons, this client, and the machine (/proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = dict.fromkeys([*CPU_GROUPS, "client"], 0.0)
+    me = str(os.getpid())
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        kind = "client" if pid == me else next((k for k, m in CPU_GROUPS.items() if m in cmd), None)
+        if kind:
+            out[kind] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    with open("/proc/stat") as fh:
+        total = [int(v) for v in fh.readline().split()[1:]]
+    out["all"] = (sum(total) - total[3] - total[4]) / tick  # minus idle and iowait
+    return out
+
+
+def cpu_per_request(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+    """ms of CPU per request in each process group and in everything else ("other"), between two cpu_seconds()."""
+    d = {k: after[k] - before[k] for k in after}
+    d["other"] = d.pop("all") - sum(d.values())
+    return {k: round(1000 * v / max(requests, 1), 2) for k, v in d.items()}
 
 
 # --- raw -------------------------------------------------------------------------------------------------------
-def measure_raw(bundle: Path, batch_size: int, num_threads: int, seconds: float = 4.0) -> dict:
+def measure_raw(
+    bundle: Path, batch_size: int, num_threads: int, variant: str | None = None, seconds: float = 4.0
+) -> dict:
     """Batched sentences/s and single-sentence latency of the Predictor in this process."""
     import torch
 
     from intentops.predictor import Predictor
 
     torch.set_num_threads(num_threads)
-    predictor = Predictor.load(bundle)
+    predictor = Predictor.load(bundle, threads=num_threads, variant=variant)
     batch = [TEXTS[i % len(TEXTS)] for i in range(batch_size)]
     predictor.predict(batch, top_k=3)
     n, start = 0, time.perf_counter()
@@ -59,8 +112,9 @@ def measure_raw(bundle: Path, batch_size: int, num_threads: int, seconds: float 
 
 
 # --- HTTP load ---------------------------------------------------------------------------------------------
-async def load(url: str, concurrency: int, requests: int, max_s: float, texts_per_request: int = 1,
-               warmup: int = 0) -> dict:
+async def load(
+    url: str, concurrency: int, requests: int, max_s: float, texts_per_request: int = 1, warmup: int = 0
+) -> dict:
     """`concurrency` clients send `requests` POSTs in all (or stop at max_s); latency percentiles in ms."""
     import aiohttp
 
@@ -69,9 +123,13 @@ async def load(url: str, concurrency: int, requests: int, max_s: float, texts_pe
     sent = 0
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+
         async def one(i: int) -> float | None:
-            body = ({"text": TEXTS[i % len(TEXTS)]} if texts_per_request == 1
-                    else {"texts": [TEXTS[(i + j) % len(TEXTS)] for j in range(texts_per_request)]})
+            body = (
+                {"text": TEXTS[i % len(TEXTS)]}
+                if texts_per_request == 1
+                else {"texts": [TEXTS[(i + j) % len(TEXTS)] for j in range(texts_per_request)]}
+            )
             t = time.perf_counter()
             try:
                 async with session.post(url, json=body) as r:
@@ -83,6 +141,7 @@ async def load(url: str, concurrency: int, requests: int, max_s: float, texts_pe
 
         for i in range(warmup):
             await one(i)
+        cpu_before = cpu_seconds()
         deadline = time.perf_counter() + max_s
 
         async def worker() -> None:
@@ -98,10 +157,18 @@ async def load(url: str, concurrency: int, requests: int, max_s: float, texts_pe
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
+        cpu = cpu_per_request(cpu_before, cpu_seconds(), len(latencies) + errors)
     done = len(latencies)
-    return {"rps": done / elapsed, "texts_per_s": done * texts_per_request / elapsed, "requests": done + errors,
-            "errors": errors, "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
-            "p99_ms": percentile(latencies, 99)}
+    return {
+        "rps": done / elapsed,
+        "texts_per_s": done * texts_per_request / elapsed,
+        "requests": done + errors,
+        "errors": errors,
+        "p50_ms": percentile(latencies, 50),
+        "p95_ms": percentile(latencies, 95),
+        "p99_ms": percentile(latencies, 99),
+        "cpu_ms_per_req": cpu,
+    }
 
 
 def echo_deployment(serve, api_models):
@@ -110,8 +177,11 @@ def echo_deployment(serve, api_models):
 
     echo_api = FastAPI()
 
-    @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1},
-                      logging_config={"encoding": "JSON", "enable_access_log": False})
+    @serve.deployment(
+        max_ongoing_requests=64,
+        ray_actor_options={"num_cpus": 1},
+        logging_config={"encoding": "JSON", "enable_access_log": False},
+    )
     @serve.ingress(echo_api)
     class Echo:
         @echo_api.post("/v1/predict")
@@ -119,6 +189,14 @@ def echo_deployment(serve, api_models):
             return {"predictions": [{"intent": "echo", "confidence": 1.0}]}
 
     return Echo
+
+
+def variant_accuracy(bundle_dir: Path, variant: str | None) -> dict:
+    """The served graph's test accuracy and macro-F1 as the export stage measured them (model card)."""
+    card = Path(bundle_dir) / "card.json"
+    export = json.loads(card.read_text()).get("metrics", {}).get("export", {}) if card.is_file() else {}
+    m = export.get(variant or "fp32", {})
+    return {"variant_accuracy": m.get("accuracy"), "variant_macro_f1": m.get("macro_f1")}
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -140,8 +218,13 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bundle", default=None, help="bundle folder, or `production` (default: production "
-                        "when models/registry/production exists, else models/train)")
+    parser.add_argument(
+        "--bundle",
+        default=None,
+        help="bundle folder, or `production` (default: production "
+        "when models/registry/production exists, else models/train)",
+    )
+    parser.add_argument("--variant", default=None, help="the bundle's graph to serve: fp32 (default) or int8")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every request count")
     parser.add_argument("overrides", nargs="*", help="serving user_config overrides, key=value")
     args = parser.parse_args()
@@ -156,22 +239,39 @@ def main() -> None:
 
     os.chdir(ROOT)  # replicas import serving.app from the driver's working directory
     defaults = OmegaConf.to_container(load_params(ROOT / "params.yaml").serving, resolve=True)
-    bundle = args.bundle or ("production" if (ROOT / defaults["registry_dir"] / "production").is_file()
-                             else "models/train")
-    user_config = serve_api.merge_settings({"bundle": bundle, **{k: v for k, v in defaults.items()
-                                                                  if k != "bundle"}}, parse_overrides(args.overrides))
+    bundle = args.bundle or (
+        "production" if (ROOT / defaults["registry_dir"] / "production").is_file() else "models/train"
+    )
+    user_config = serve_api.merge_settings(
+        {"bundle": bundle, **{k: v for k, v in defaults.items() if k != "bundle"}},
+        parse_overrides(args.overrides),
+    )
+    if args.variant:
+        user_config["variant"] = args.variant
     bundle_dir, _ = serve_api.resolve_bundle(bundle, defaults["registry_dir"], ROOT)
     n = lambda k: max(1, int(k * args.scale))  # noqa: E731
 
     # The ceiling takes the better of 1 thread (what the replica uses) and every core (the model alone).
-    raws = {t: measure_raw(bundle_dir, user_config["batching"]["max_batch_size"], t) for t in (1, os.cpu_count())}
-    raw = {"sents_per_s": max(r["sents_per_s"] for r in raws.values()),
-           "single_ms": min(r["single_ms"] for r in raws.values())}
+    raws = {
+        t: measure_raw(bundle_dir, user_config["batching"]["max_batch_size"], t, user_config["variant"])
+        for t in (1, os.cpu_count())
+    }
+    raw = {
+        "sents_per_s": max(r["sents_per_s"] for r in raws.values()),
+        "single_ms": min(r["single_ms"] for r in raws.values()),
+    }
 
-    out: dict = {"bundle": str(bundle_dir.relative_to(ROOT) if bundle_dir.is_relative_to(ROOT) else bundle_dir),
-                 "raw_sents_per_s": round(raw["sents_per_s"], 1), "raw_single_ms": round(raw["single_ms"], 2),
-                 "raw_batch": user_config["batching"]["max_batch_size"], "num_threads": user_config["num_threads"],
-                 "raw_by_threads": {t: round(r["sents_per_s"], 1) for t, r in raws.items()}}
+    out: dict = {
+        "bundle": str(bundle_dir.relative_to(ROOT) if bundle_dir.is_relative_to(ROOT) else bundle_dir),
+        "raw_sents_per_s": round(raw["sents_per_s"], 1),
+        "raw_single_ms": round(raw["single_ms"], 2),
+        "raw_batch": user_config["batching"]["max_batch_size"],
+        "num_threads": user_config["num_threads"],
+        "raw_by_threads": {t: round(r["sents_per_s"], 1) for t, r in raws.items()},
+        "variant": user_config["variant"] or "fp32",
+        **variant_accuracy(bundle_dir, user_config["variant"]),
+        "load_avg_1m_before": round(os.getloadavg()[0], 2),
+    }
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -192,27 +292,49 @@ def main() -> None:
             serve.delete("echo")
 
             service = serve_api.import_app(ROOT).IntentService.options(
-                user_config=user_config, logging_config={"encoding": "JSON", "enable_access_log": False})
+                user_config=user_config, logging_config={"encoding": "JSON", "enable_access_log": False}
+            )
             serve.run(service.bind(), name="intentops", route_prefix="/")
             url = f"{base}/v1/predict"
-            live = {c: asyncio.run(load(url, c, n(k), 40, warmup=20 if c == 1 else 0))
-                    for c, k in ((1, 200), (8, 600), (32, 1200))}
+            live = {
+                c: asyncio.run(load(url, c, n(k), 40, warmup=20 if c == 1 else 0))
+                for c, k in ((1, 200), (8, 600), (32, 1200))
+            }
             batch = asyncio.run(load(url, 4, n(60), 40, texts_per_request=32))
         finally:
             serve.shutdown()
             ray.shutdown()
 
     ceiling = 1 / (1 / echo32["rps"] + 1 / raw["sents_per_s"])
-    out |= {"echo_c1_rps": round(echo1["rps"], 1), "echo_c1_p50_ms": round(echo1["p50_ms"], 2),
-            "echo_c32_rps": round(echo32["rps"], 1), "echo_c32_p50_ms": round(echo32["p50_ms"], 2)}
+    out |= {
+        "echo_c1_rps": round(echo1["rps"], 1),
+        "echo_c1_p50_ms": round(echo1["p50_ms"], 2),
+        "echo_c32_rps": round(echo32["rps"], 1),
+        "echo_c32_p50_ms": round(echo32["p50_ms"], 2),
+    }
     for c, r in live.items():
-        out |= {f"c{c}_rps": round(r["rps"], 1), f"c{c}_p50_ms": round(r["p50_ms"], 2),
-                f"c{c}_p95_ms": round(r["p95_ms"], 2), f"c{c}_p99_ms": round(r["p99_ms"], 2)}
-    out |= {"list32_c4_texts_per_s": round(batch["texts_per_s"], 1), "list32_c4_p50_ms": round(batch["p50_ms"], 2),
-            "ceiling_rps": round(ceiling, 1), "ratio_c32_vs_ceiling": round(live[32]["rps"] / ceiling, 3),
-            "c1_p50_budget_ms": round(echo1["p50_ms"] + raw["single_ms"] + 5, 2),
-            "errors": sum(r["errors"] for r in (echo1, echo32, batch, *live.values())),
-            "batching": user_config["batching"]}
+        out |= {
+            f"c{c}_rps": round(r["rps"], 1),
+            f"c{c}_p50_ms": round(r["p50_ms"], 2),
+            f"c{c}_p95_ms": round(r["p95_ms"], 2),
+            f"c{c}_p99_ms": round(r["p99_ms"], 2),
+        }
+    out |= {
+        "list32_c4_texts_per_s": round(batch["texts_per_s"], 1),
+        "list32_c4_p50_ms": round(batch["p50_ms"], 2),
+        "ceiling_rps": round(ceiling, 1),
+        "ratio_c32_vs_ceiling": round(live[32]["rps"] / ceiling, 3),
+        "c1_p50_budget_ms": round(echo1["p50_ms"] + raw["single_ms"] + 5, 2),
+        "list32_vs_raw": round(batch["texts_per_s"] / raw["sents_per_s"], 3),
+        "errors": sum(r["errors"] for r in (echo1, echo32, batch, *live.values())),
+        "batching": user_config["batching"],
+        "cpu_ms_per_req": {
+            "echo_c32": echo32["cpu_ms_per_req"],
+            "c32": live[32]["cpu_ms_per_req"],
+            "c1": live[1]["cpu_ms_per_req"],
+            "echo_c1": echo1["cpu_ms_per_req"],
+        },
+    }
     print(json.dumps(out))
 
 

@@ -6,10 +6,12 @@ intentops.serve_api and intentops.serve_ledger.
 """
 
 import asyncio
+import json
 import logging
 import os
+import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from intentops.errors import UserError
@@ -36,10 +38,9 @@ from intentops.serve_api import (
     model_card,
     model_version,
     pointer_path,
-    public_row,
     request_texts,
     resolve_bundle,
-    review_thresholds,
+    serving_calibration,
     shape_predictions,
     store_top_k,
 )
@@ -60,11 +61,17 @@ class Guard:
 
         self.app = asgi_app
         self.key = os.environ.get(API_KEY_ENV) or None
-        self.latency = Histogram("intentops_request_latency_ms", description="Request latency in the replica (ms).",
-                                 boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000],
-                                 tag_keys=("route",))
-        self.errors = MetricCounter("intentops_request_errors", description="Responses with status >= 400.",
-                              tag_keys=("route", "status"))
+        self.latency = Histogram(
+            "intentops_request_latency_ms",
+            description="Request latency in the replica (ms).",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000],
+            tag_keys=("route",),
+        )
+        self.errors = MetricCounter(
+            "intentops_request_errors",
+            description="Responses with status >= 400.",
+            tag_keys=("route", "status"),
+        )
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -81,9 +88,15 @@ class Guard:
 
         try:
             if self.key and path not in OPEN_PATHS and not api_key_ok(scope["headers"], self.key):
-                await JSONResponse({"error": "missing or wrong API key", "where": "X-API-Key or Authorization header",
-                                    "fix": "send the key as `X-API-Key: <key>` or `Authorization: Bearer <key>`"},
-                                   status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send_status)
+                await JSONResponse(
+                    {
+                        "error": "missing or wrong API key",
+                        "where": "X-API-Key or Authorization header",
+                        "fix": "send the key as `X-API-Key: <key>` or `Authorization: Bearer <key>`",
+                    },
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )(scope, receive, send_status)
             else:
                 await self.app(scope, receive, send_status)
         finally:
@@ -97,9 +110,16 @@ class Guard:
             self.errors.inc(tags={"route": route, "status": str(status)})
         if path in OPEN_PATHS:
             return  # probes every few seconds would drown the log
-        fields = {"method": scope["method"], "path": route, "status": status, "latency_ms": round(ms, 2),
-                  **{k: v for k, v in info.items() if k != "status"}}
-        log.info("%s %s %s %.1fms", scope["method"], route, status, ms, extra={"ray_serve_extra_fields": fields})
+        info["method"], info["path"], info["latency_ms"] = scope["method"], route, round(ms, 2)
+        # The JSON file only: Serve would also format the line for stderr, which Ray's log monitor then tails.
+        log.info(
+            "%s %s %s %.1fms",
+            scope["method"],
+            route,
+            status,
+            ms,
+            extra={"ray_serve_extra_fields": info, "log_to_stderr": False},
+        )
 
 
 api.add_middleware(Guard)
@@ -114,8 +134,14 @@ async def _request_error(_: Request, err: RequestError) -> JSONResponse:
 async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
     first = err.errors()[0] if err.errors() else {}
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "request body"
-    return JSONResponse({"error": f"invalid request: {first.get('msg', 'bad body')}", "where": where,
-                         "fix": "send a JSON body as documented at /docs"}, status_code=422)
+    return JSONResponse(
+        {
+            "error": f"invalid request: {first.get('msg', 'bad body')}",
+            "where": where,
+            "fix": "send a JSON body as documented at /docs",
+        },
+        status_code=422,
+    )
 
 
 def _request_id() -> str:
@@ -133,30 +159,47 @@ class IntentService:
         from ray.serve.metrics import Counter as MetricCounter
         from ray.serve.metrics import Histogram
 
+        # The model thread runs Python between ONNX calls (TF-IDF, post-processing, the ledger write) while the
+        # event loop answers requests; a 1 ms GIL switch interval (default 5 ms) lets the loop in sooner.
+        sys.setswitchinterval(0.001)
         self.root = Path(os.environ.get(ROOT_ENV) or os.getcwd()).resolve()
         self.model: LoadedModel | None = None
         self.settings: dict[str, Any] = {}
         self.engine = None
         self.profiles = self.vocab = None
-        self._pending_features: list[tuple[list[str], list[dict]]] = []
+        self._pending_features: deque[tuple[list[str], list[dict]]] = deque()  # appended by the model thread
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")  # one model call at a time
         self._io_pool = ThreadPoolExecutor(2, thread_name_prefix="io")  # db writes, loads, profiles
         self._reload_lock = asyncio.Lock()
         self._model_lock = asyncio.Lock()
+        self._in_flight = 0  # /v1/predict requests being handled
         self._pending: list[tuple[list[str], asyncio.Future]] = []
         self._tasks: list[asyncio.Task] = []
         self._pointer_seen: str | None = None
-        self.m_predictions = MetricCounter("intentops_predictions", description="Predictions by intent.",
-                                           tag_keys=("intent", "model_version"))
-        self.m_review = MetricCounter("intentops_needs_review", description="Predictions flagged needs_review.",
-                                      tag_keys=("reason", "model_version"))
-        self.m_confidence = Histogram("intentops_confidence", description="Top-1 confidence.",
-                                      boundaries=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
-                                      tag_keys=("model_version",))
-        self.m_batch = Histogram("intentops_batch_size", description="Texts per model call.",
-                                 boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
-        self.m_reloads = MetricCounter("intentops_model_reloads", description="Model loads by outcome.",
-                                       tag_keys=("outcome",))
+        self.m_predictions = MetricCounter(
+            "intentops_predictions",
+            description="Predictions by intent.",
+            tag_keys=("intent", "model_version"),
+        )
+        self.m_review = MetricCounter(
+            "intentops_needs_review",
+            description="Predictions flagged needs_review.",
+            tag_keys=("reason", "model_version"),
+        )
+        self.m_confidence = Histogram(
+            "intentops_confidence",
+            description="Top-1 confidence.",
+            boundaries=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
+            tag_keys=("model_version",),
+        )
+        self.m_batch = Histogram(
+            "intentops_batch_size",
+            description="Texts per model call.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
+        )
+        self.m_reloads = MetricCounter(
+            "intentops_model_reloads", description="Model loads by outcome.", tag_keys=("outcome",)
+        )
 
     # --- configuration and model loading ----------------------------------------------------------------
     async def reconfigure(self, user_config: dict | None) -> None:
@@ -178,7 +221,11 @@ class IntentService:
             await self._run_io(self._open_profiles)
         model = self.model
         target, _ = resolve_bundle(settings["bundle"], settings["registry_dir"], self.root)
-        stale = model is None or model.bundle_dir != target or settings["review"] != old.get("review")
+        stale = (
+            model is None
+            or model.bundle_dir != target
+            or any(settings[k] != old.get(k) for k in ("review", "variant", "num_threads"))
+        )
         if stale:
             await self.reload(force=True)
         self._start_tasks()
@@ -192,8 +239,12 @@ class IntentService:
         if not s["record_predictions"]:
             return None
         cfg = params.feedback.store
-        engine = store.make_engine(store.db_url(self.root / s["db"]), busy_timeout_ms=cfg.busy_timeout_ms,
-                                   pool_size=cfg.pool_size, max_overflow=cfg.max_overflow)
+        engine = store.make_engine(
+            store.db_url(self.root / s["db"]),
+            busy_timeout_ms=cfg.busy_timeout_ms,
+            pool_size=cfg.pool_size,
+            max_overflow=cfg.max_overflow,
+        )
         store.check_schema(engine)  # fail at start, with the fix, unless `intentops db upgrade` ran
         return engine
 
@@ -211,8 +262,9 @@ class IntentService:
             log.warning("monitoring profiles off: %s", err.render())
             return
         profiles = m["profiles"] if "://" in m["profiles"] else str(self.root / m["profiles"])
-        self.profiles = ProfileWindowWriter(profiles, max_rows=m["window_max_rows"],
-                                            max_seconds=m["window_max_seconds"])
+        self.profiles = ProfileWindowWriter(
+            profiles, max_rows=m["window_max_rows"], max_seconds=m["window_max_seconds"]
+        )
 
     async def reload(self, force: bool = False) -> bool:
         """Load the configured bundle if it changed (or `force`), fully, then swap the reference; True if swapped.
@@ -234,9 +286,13 @@ class IntentService:
                 return False
             previous, self.model = self.model, model  # the swap: new requests see the new model from here
             self.m_reloads.inc(tags={"outcome": "ok"})
-            log.info("serving model %s from %s (was %s)", model.version, model.bundle_dir,
-                     previous.version if previous else None,
-                     extra={"ray_serve_extra_fields": {"model_version": model.version, "event": "model_loaded"}})
+            log.info(
+                "serving model %s from %s (was %s)",
+                model.version,
+                model.bundle_dir,
+                previous.version if previous else None,
+                extra={"ray_serve_extra_fields": {"model_version": model.version, "event": "model_loaded"}},
+            )
             return True
 
     def _load(self, bundle_dir: Path, registry_version: str | None) -> LoadedModel:
@@ -244,19 +300,32 @@ class IntentService:
 
         from intentops.predictor import Predictor
 
-        torch.set_num_threads(self.settings["num_threads"])
-        predictor = Predictor.load(bundle_dir)
-        predictor.predict(["warm up"], top_k=2)  # lazy parts (encoders, sessions) load now, not on a request
+        threads = self.settings["num_threads"]
+        torch.set_num_threads(threads)
+        predictor = Predictor.load(bundle_dir, threads=threads, variant=self.settings["variant"])
+        # The bundle's calibration decides out-of-scope; the config's review thresholds fill in what it lacks.
+        predictor.calibration, thresholds = serving_calibration(
+            predictor.calibration, self.settings["review"]
+        )
+        # Lazy parts (sessions, arenas for a full batch) are set up now, not on a request.
+        for n in (1, self.settings["batching"]["max_batch_size"]):
+            predictor.predict(["warm up"] * n, top_k=self.settings["top_k"])
         card = model_card(predictor, bundle_dir)
-        return LoadedModel(predictor=predictor, bundle_dir=bundle_dir,
-                           version=model_version(predictor, bundle_dir, registry_version), card=card,
-                           thresholds=review_thresholds(card, self.settings["review"]),
-                           labels=frozenset(predictor.labels))
+        return LoadedModel(
+            predictor=predictor,
+            bundle_dir=bundle_dir,
+            version=model_version(predictor, bundle_dir, registry_version),
+            card=card,
+            thresholds=thresholds,
+            labels=frozenset(predictor.labels),
+        )
 
     def _start_tasks(self) -> None:
         if not self._tasks:
-            self._tasks = [asyncio.get_running_loop().create_task(self._watch_pointer()),
-                           asyncio.get_running_loop().create_task(self._profile_loop())]
+            self._tasks = [
+                asyncio.get_running_loop().create_task(self._watch_pointer()),
+                asyncio.get_running_loop().create_task(self._profile_loop()),
+            ]
 
     async def _watch_pointer(self) -> None:
         """Poll the production pointer; when its content changes, load the new version and swap it in."""
@@ -280,7 +349,9 @@ class IntentService:
             await self._run_io(self._write_profiles, self._take_features())
 
     def _take_features(self) -> list[tuple[list[str], list[dict]]]:
-        pending, self._pending_features = self._pending_features, []
+        pending, queue = [], self._pending_features
+        while queue:  # popleft is atomic: a row the model thread appends meanwhile waits for the next flush
+            pending.append(queue.popleft())
         return pending
 
     def _flush_profiles(self) -> None:
@@ -293,8 +364,11 @@ class IntentService:
         if self.profiles is None:
             return
         texts = [t for batch, _ in pending for t in batch]
-        preds = [{"intent": r["intent"], "confidence": r["confidence"], "top_k": store_top_k(r)}
-                 for _, rows in pending for r in rows]
+        preds = [
+            {"intent": r["intent"], "confidence": r["confidence"], "top_k": store_top_k(r)}
+            for _, rows in pending
+            for r in rows
+        ]
         try:
             if texts:
                 self.profiles.log(utterance_features(texts, self.vocab, preds))
@@ -309,22 +383,21 @@ class IntentService:
     # max_concurrent_batches > 1: Serve closes a batch after batch_wait_timeout_s even while the model is
     # busy, so under load it forms many small batches; letting them all reach `_infer` (instead of queueing
     # on Serve's semaphore) lets the next model call take every text that arrived during the last one.
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=32)
-    async def _predict_batch(self, texts: list[str]) -> list[tuple[dict, asyncio.Future | None, int]]:
-        """Texts of concurrent requests -> (row, the db write of its model call, that call's size) per text."""
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=32)
+    async def _predict_batch(self, texts: list[str]) -> list[tuple[dict, dict]]:
+        """Texts of concurrent requests -> (API row, facts about the model call that served it) per text."""
         return await self._infer(texts)
 
-    async def _infer(self, texts: list[str]) -> list[tuple[dict, asyncio.Future | None, int]]:
+    async def _infer(self, texts: list[str]) -> list[tuple[dict, dict]]:
         """Group commit: whoever gets the model next runs one call for every pending text (up to max_batch_size)."""
-        loop = asyncio.get_running_loop()
-        mine = loop.create_future()
+        mine = asyncio.get_running_loop().create_future()
         self._pending.append((texts, mine))
         async with self._model_lock:
             if not mine.done():
-                await self._run_pending(loop)
+                await self._run_pending()
         return await mine
 
-    async def _run_pending(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _run_pending(self) -> None:
         cap = self.settings["batching"]["max_batch_size"]
         take, n = [], 0
         while self._pending and (not take or n + len(self._pending[0][0]) <= cap):
@@ -332,63 +405,87 @@ class IntentService:
             take.append(item)
             n += len(item[0])
         texts = [t for batch, _ in take for t in batch]
-        model = self.model  # one model for the whole call, even if a swap happens meanwhile
-        k = self.settings["top_k"]
+        model = self.model  # one model for the whole call, even mid-swap
         try:
-            raw = await loop.run_in_executor(self._infer_pool, model.predictor.predict, texts, max(k, 2))
-            rows = shape_predictions(raw, model, k)
+            if self._in_flight <= 1:
+                # Alone: nothing to overlap with the model call, so skip the two thread hand-offs (each a
+                # wake-up that waits for a CPU on a busy host).
+                rows, call = self._call(model, texts)
+            else:
+                # Under load: one hop to the model thread per call (model, rows, metrics, ledger write), so
+                # the event loop keeps parsing the requests that will form the next call meanwhile.
+                rows, call = await asyncio.get_running_loop().run_in_executor(
+                    self._infer_pool, self._call, model, texts
+                )
         except Exception as err:
             for _, fut in take:
                 fut.set_exception(err)
             return
-        self._observe(model, rows)
-        if self.profiles is not None:
-            self._pending_features.append((texts, rows))
-        # The write runs while the next call computes; each request awaits it before answering,
-        # so a returned prediction id is always known to /v1/feedback.
-        written = loop.run_in_executor(self._io_pool, self._record, texts, rows) if self.engine is not None else None
         pos = 0
         for batch, fut in take:
-            fut.set_result([(row, written, len(rows)) for row in rows[pos:pos + len(batch)]])
+            fut.set_result([(row, call) for row in rows[pos : pos + len(batch)]])
             pos += len(batch)
 
-    def _record(self, texts: list[str], rows: list[dict]) -> None:
-        from intentops.serve_ledger import record
+    def _call(self, model: LoadedModel, texts: list[str]) -> tuple[list[dict], dict]:
+        """One model call (in the model thread): rows with ids, metrics, profile features, then the ledger write.
 
-        review = [{"prediction_id": r["prediction_id"], "text": t, "model_version": r["model_version"],
-                   "suggested_intent": r["intent"], "top_k": store_top_k(r), "confidence": r["confidence"],
-                   "reason": r["review_reason"]} for t, r in zip(texts, rows, strict=True) if r["needs_review"]]
-        record(self.engine, rows, review)
+        The write finishes before any of these requests is answered, so a returned prediction id is always
+        known to /v1/feedback.
+        """
+        t0 = time.perf_counter()
+        rows = shape_predictions(model.predictor.predict(texts, top_k=self.settings["top_k"]), model.version)
+        t1 = time.perf_counter()
+        self._observe(model.version, rows)
+        if self.profiles is not None:
+            self._pending_features.append((texts, rows))
+        if self.engine is not None:
+            from intentops.serve_ledger import record
 
-    def _observe(self, model: LoadedModel, rows: list[dict]) -> None:
-        version = model.version
+            record(self.engine, texts, rows)
+        t2 = time.perf_counter()
+        return rows, {
+            "batch_size": len(rows),
+            "model_ms": round((t1 - t0) * 1000, 2),
+            "record_ms": round((t2 - t1) * 1000, 2),
+        }
+
+    def _observe(self, version: str, rows: list[dict]) -> None:
+        """Metrics for one model call, counted per call (one increment per intent and per reason)."""
         self.m_batch.observe(len(rows))
         for intent, n in Counter(r["intent"] for r in rows).items():
             self.m_predictions.inc(n, tags={"intent": intent, "model_version": version})
-        for reason, n in Counter(r["review_reason"] for r in rows if r["needs_review"]).items():
+        for reason, n in Counter(r["reason"] for r in rows if r["reason"] is not None).items():
             self.m_review.inc(n, tags={"reason": reason, "model_version": version})
+        tags = {"model_version": version}
         for r in rows:
-            self.m_confidence.observe(r["confidence"], tags={"model_version": version})
+            self.m_confidence.observe(r["confidence"], tags=tags)
 
     # --- routes ----------------------------------------------------------------------------------------------
     @api.post("/v1/predict", response_model=PredictResponse, responses={413: {}, 422: {}})
-    async def predict(self, body: PredictRequest, request: Request) -> JSONResponse:
-        """Intent, confidence, top-k and needs_review for each text, with a prediction id for /v1/feedback."""
+    async def predict(self, body: PredictRequest, request: Request) -> Response:
+        """Intent, confidence, top-k and out-of-scope flags for each text, with a prediction id for /v1/feedback."""
         s = self.settings
         texts = request_texts(body, s["max_texts"], s["max_text_chars"])
-        if len(texts) == 1:
-            results = [await self._predict_batch(texts[0])]
-        else:
-            results = await asyncio.gather(*(self._predict_batch(t) for t in texts))
-        for write in {id(w): w for _, w, _ in results if w is not None}.values():
-            await write
-        rows = [public_row(r) for r, _, _ in results]
-        info = request.scope.get("intentops", {})
-        info.update(model_version=rows[0]["model_version"], n_texts=len(rows),
-                    needs_review=sum(r["needs_review"] for r in rows),
-                    batch_size=max(n for _, _, n in results))
-        return JSONResponse({"request_id": _request_id(), "model_version": rows[0]["model_version"],
-                             "predictions": rows})
+        self._in_flight += 1
+        try:
+            if len(texts) == 1:
+                results = [await self._predict_batch(texts[0])]
+            else:  # a list is a batch already: it joins the next model call whole, with whatever else is pending
+                results = await self._infer(texts)
+        finally:
+            self._in_flight -= 1
+        rows = [r for r, _ in results]
+        call = max((c for _, c in results), key=lambda c: c["batch_size"])
+        version = rows[0]["model_version"]
+        flagged = sum(r["out_of_scope"] for r in rows)
+        info = request.scope.get("intentops")
+        if info is not None:
+            info.update(model_version=version, n_texts=len(rows), out_of_scope=flagged, **call)
+        body = json.dumps(
+            {"request_id": _request_id(), "model_version": version, "predictions": rows},
+            separators=(",", ":"),
+        )
+        return Response(body, media_type="application/json")
 
     @api.post("/v1/feedback", response_model=FeedbackResponse, status_code=201, responses={404: {}, 422: {}})
     async def feedback(self, body: FeedbackRequest) -> JSONResponse:
@@ -398,25 +495,46 @@ class IntentService:
 
         model = self.model
         if body.label not in model.labels:
-            raise RequestError(422, f"label {body.label!r} is not in the model's taxonomy", where="request body: label",
-                               fix="use one of the intents listed by GET /v1/model")
+            raise RequestError(
+                422,
+                f"label {body.label!r} is not in the model's taxonomy",
+                where="request body: label",
+                fix="use one of the intents listed by GET /v1/model",
+            )
         if self.engine is None:
-            raise RequestError(503, "feedback is off: this deployment does not record predictions",
-                               where="serving.store.record_predictions", fix="turn it on in serving/config.yaml")
+            raise RequestError(
+                503,
+                "feedback is off: this deployment does not record predictions",
+                where="serving.store.record_predictions",
+                fix="turn it on in serving/config.yaml",
+            )
         if not await self._run_io(known, self.engine, body.prediction_id):
-            raise RequestError(404, f"unknown prediction id {body.prediction_id!r}", where="request body: prediction_id",
-                               fix="send a prediction_id returned by POST /v1/predict")
-        stored = await self._run_io(lambda: store.add_feedback(self.engine, body.prediction_id, body.label,
-                                                               body.annotator, body.feedback_id))
-        return JSONResponse({"prediction_id": body.prediction_id, "label": body.label, "stored": stored},
-                            status_code=201)
+            raise RequestError(
+                404,
+                f"unknown prediction id {body.prediction_id!r}",
+                where="request body: prediction_id",
+                fix="send a prediction_id returned by POST /v1/predict",
+            )
+        stored = await self._run_io(
+            lambda: store.add_feedback(
+                self.engine, body.prediction_id, body.label, body.annotator, body.feedback_id
+            )
+        )
+        return JSONResponse(
+            {"prediction_id": body.prediction_id, "label": body.label, "stored": stored}, status_code=201
+        )
 
     @api.get("/v1/model")
     async def model_info(self) -> dict:
         """The model card of the version being served, its labels and review thresholds."""
         m = self.model
-        return {"version": m.version, "bundle": str(m.bundle_dir), "labels": sorted(m.labels),
-                "thresholds": m.thresholds, "card": m.card}
+        return {
+            "version": m.version,
+            "bundle": str(m.bundle_dir),
+            "labels": sorted(m.labels),
+            "thresholds": m.thresholds,
+            "card": m.card,
+        }
 
     @api.get("/healthz")
     async def healthz(self) -> dict:

@@ -3,12 +3,14 @@ versioned, self-describing bundle that `Predictor.load` serves, after a parity c
 
 Bundle layout (paths.bundle_dir):
     bundle.json        format "onnx", version, graph inputs, model variants, ONNX Runtime settings
-    model.onnx         fp32 graph: input_ids, attention_mask (b, L) int64, tfidf (b, V) float32 -> logits (b, k)
+    model.onnx         fp32 graph: input_ids, attention_mask (b, L) int64, tfidf (b, V) float32 -> logits (b, k),
+                       embedding (b, 384) (the normalised sentence embedding, for kNN/Mahalanobis out-of-scope)
     model.int8.onnx    the same with dynamic int8 weights (export.quantize)
     tokenizer.json     the encoder's `tokenizers` tokenizer, set to truncate at max_seq_length, pad to the longest
     tfidf.joblib       the fitted sklearn TF-IDF union (sklearn computes it at serving time too)
     labels.json        intent names, index i = logit i
-    calibration.json   temperature, min_confidence, min_margin
+    calibration.json   temperature, out-of-scope method + threshold, review thresholds (models/calibration.json)
+    ood_stats.npz      the statistics an embedding out-of-scope method needs (mahalanobis, knn); absent otherwise
     card.json          model card: version, metrics, data hashes, params, git revision, W&B run
 """
 
@@ -29,6 +31,7 @@ from omegaconf import OmegaConf
 from intentops.config import load_params
 from intentops.errors import UserError, cli_entry
 from intentops.io import atomic_path, read_json, write_json
+from intentops.ood import load_calibration
 from intentops.predictor import (
     BUNDLE_META,
     CALIBRATION_FILE,
@@ -43,8 +46,17 @@ from intentops.predictor import (
 log = logging.getLogger(__name__)
 
 INT8_FILE = "model.int8.onnx"
+OOD_STATS_FILE = "ood_stats.npz"
 # The files that decide what the bundle predicts; the card (git revision, timings) is left out of the version.
-VERSIONED_FILES = (ONNX_FILE, INT8_FILE, TOKENIZER_FILE, TFIDF_FILE, LABELS_FILE, CALIBRATION_FILE)
+VERSIONED_FILES = (
+    ONNX_FILE,
+    INT8_FILE,
+    TOKENIZER_FILE,
+    TFIDF_FILE,
+    LABELS_FILE,
+    CALIBRATION_FILE,
+    OOD_STATS_FILE,
+)
 EXPORTABLE_MODELS = ("minilm_head",)
 
 
@@ -61,23 +73,30 @@ def build_graph(predictor: Predictor, encoder):
     kinds = [type(m).__name__ for m in encoder]
     pooling = encoder[1].get_config_dict().get("pooling_mode") if len(kinds) > 1 else None
     if kinds[:3] != ["Transformer", "Pooling", "Normalize"] or pooling != "mean":
-        raise UserError(f"cannot export encoder modules {kinds} (pooling {pooling!r})",
-                        where="conf/config.yaml: embed.model",
-                        fix="export supports Transformer + mean Pooling + Normalize encoders such as all-MiniLM-L6-v2")
+        raise UserError(
+            f"cannot export encoder modules {kinds} (pooling {pooling!r})",
+            where="conf/config.yaml: embed.model",
+            fix="export supports Transformer + mean Pooling + Normalize encoders such as all-MiniLM-L6-v2",
+        )
 
     class EncoderHead(nn.Module):
         def __init__(self, bert: nn.Module, head: nn.Module):
             super().__init__()
             self.bert, self.head = bert, head
 
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tfidf: torch.Tensor) -> torch.Tensor:
+        def forward(
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tfidf: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             # Token types are all 0 for single sentences, as sentence-transformers feeds them.
-            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                               token_type_ids=torch.zeros_like(input_ids)).last_hidden_state  # (b, L, 384)
+            hidden = self.bert(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids)
+            ).last_hidden_state  # (b, L, 384)
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (b, L, 1)
-            emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (b, 384), sentence-transformers' mean
+            emb = (hidden * mask).sum(1) / mask.sum(1).clamp(
+                min=1e-9
+            )  # (b, 384), sentence-transformers' mean
             emb = nn.functional.normalize(emb, p=2, dim=1)
-            return self.head(emb, tfidf)  # (b, k)
+            return self.head(emb, tfidf), emb  # logits (b, k), embedding (b, 384)
 
     return EncoderHead(encoder[0].auto_model, predictor.net).eval()
 
@@ -88,13 +107,27 @@ def export_onnx(graph, path: Path, tfidf_dim: int, opset: int) -> None:
 
     ids = torch.ones(2, 8, dtype=torch.long)
     example = (ids, torch.ones_like(ids), torch.zeros(2, tfidf_dim))
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-            "tfidf": {0: "batch"}, "logits": {0: "batch"}}
+    axes = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "sequence"},
+        "tfidf": {0: "batch"},
+        "logits": {0: "batch"},
+        "embedding": {0: "batch"},
+    }
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         # The TorchScript exporter: the dynamo one needs onnxscript, which this project does not install.
         warnings.simplefilter("ignore")
-        torch.onnx.export(graph, example, str(path), dynamo=False, input_names=["input_ids", "attention_mask", "tfidf"],
-                          output_names=["logits"], dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
+        torch.onnx.export(
+            graph,
+            example,
+            str(path),
+            dynamo=False,
+            input_names=["input_ids", "attention_mask", "tfidf"],
+            output_names=["logits", "embedding"],
+            dynamic_axes=axes,
+            opset_version=opset,
+            do_constant_folding=True,
+        )
 
 
 def quantize(src: Path, dst: Path) -> None:
@@ -126,24 +159,37 @@ def write_tokenizer(encoder_dir: Path, dst: Path, max_seq_length: int) -> None:
 
 
 def content_version(bundle_dir: Path, files: tuple[str, ...] = VERSIONED_FILES) -> str:
-    """"m-" + 12 hex of sha256 over the named files that exist (name and bytes): same content, same version."""
-    manifest = "".join(f"{name} {file_sha256(bundle_dir / name)}\n" for name in files if (bundle_dir / name).is_file())
+    """ "m-" + 12 hex of sha256 over the named files that exist (name and bytes): same content, same version."""
+    manifest = "".join(
+        f"{name} {file_sha256(bundle_dir / name)}\n" for name in files if (bundle_dir / name).is_file()
+    )
     return "m-" + hashlib.sha256(manifest.encode()).hexdigest()[:12]
 
 
-def parity_report(reference: np.ndarray, candidate: np.ndarray, min_agreement: float, max_abs_diff: float) -> dict:
+def parity_report(
+    reference: np.ndarray, candidate: np.ndarray, min_agreement: float, max_abs_diff: float
+) -> dict:
     """Compare two (n, k) probability tables row by row: argmax agreement and largest absolute difference."""
     agree = reference.argmax(1) == candidate.argmax(1)
     diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
-    out = {"n": int(len(reference)), "argmax_agreement": float(agree.mean()) if len(agree) else 1.0,
-           "argmax_disagreements": int((~agree).sum()), "max_abs_prob_diff": float(diff.max()) if diff.size else 0.0,
-           "mean_abs_prob_diff": float(diff.mean()) if diff.size else 0.0,
-           "min_argmax_agreement": min_agreement, "max_abs_prob_diff_allowed": max_abs_diff}
-    out["passed"] = bool(out["argmax_agreement"] >= min_agreement and out["max_abs_prob_diff"] <= max_abs_diff)
+    out = {
+        "n": int(len(reference)),
+        "argmax_agreement": float(agree.mean()) if len(agree) else 1.0,
+        "argmax_disagreements": int((~agree).sum()),
+        "max_abs_prob_diff": float(diff.max()) if diff.size else 0.0,
+        "mean_abs_prob_diff": float(diff.mean()) if diff.size else 0.0,
+        "min_argmax_agreement": min_agreement,
+        "max_abs_prob_diff_allowed": max_abs_diff,
+    }
+    out["passed"] = bool(
+        out["argmax_agreement"] >= min_agreement and out["max_abs_prob_diff"] <= max_abs_diff
+    )
     return out
 
 
-def timed_predictions(predict_proba, texts: list[str], batch_size: int, single_calls: int) -> tuple[np.ndarray, dict]:
+def timed_predictions(
+    predict_proba, texts: list[str], batch_size: int, single_calls: int
+) -> tuple[np.ndarray, dict]:
     """Probabilities for `texts`, batched sentences/s, and single-sentence latency (ms, p50/p95) after warm-up."""
     predict_proba(texts[:batch_size], batch_size=batch_size)
     t0 = time.perf_counter()
@@ -155,9 +201,11 @@ def timed_predictions(predict_proba, texts: list[str], batch_size: int, single_c
         predict_proba([texts[i % len(texts)]], batch_size=1)
         if i >= 5:
             times.append(1000.0 * (time.perf_counter() - t))
-    return proba, {"sentences_per_s": round(len(texts) / batched_s, 1),
-                   "single_ms_p50": round(float(np.percentile(times, 50)), 2),
-                   "single_ms_p95": round(float(np.percentile(times, 95)), 2)}
+    return proba, {
+        "sentences_per_s": round(len(texts) / batched_s, 1),
+        "single_ms_p50": round(float(np.percentile(times, 50)), 2),
+        "single_ms_p95": round(float(np.percentile(times, 95)), 2),
+    }
 
 
 def scores(proba: np.ndarray, y: np.ndarray) -> dict:
@@ -166,16 +214,30 @@ def scores(proba: np.ndarray, y: np.ndarray) -> dict:
     return {k: round(float(v), 4) for k, v in classification_summary(y, proba.argmax(1)).items()}
 
 
-def run_export(predictor: Predictor, encoder, encoder_dir: Path, out: Path, texts: list[str], y: np.ndarray,
-               opset: int = 17, quantize_int8: bool = True, calibration: dict | None = None,
-               session: dict | None = None, batch_size: int = 64, latency_calls: int = 100,
-               min_agreement: float = 0.999, max_abs_diff: float = 1e-4) -> dict:
+def run_export(
+    predictor: Predictor,
+    encoder,
+    encoder_dir: Path,
+    out: Path,
+    texts: list[str],
+    y: np.ndarray,
+    opset: int = 17,
+    quantize_int8: bool = True,
+    calibration: dict | None = None,
+    ood_stats: dict[str, np.ndarray] | None = None,
+    session: dict | None = None,
+    batch_size: int = 64,
+    latency_calls: int = 100,
+    min_agreement: float = 0.999,
+    max_abs_diff: float = 1e-4,
+) -> dict:
     """Write the ONNX bundle into the new folder `out`, check its parity with `predictor` and time it.
 
     Args:
         predictor: the trained torch Predictor (model minilm_head).
         encoder: its SentenceTransformer, loaded from `encoder_dir` with the featurizer's max_seq_length.
         texts, y: the test split and its label ids (in predictor.labels order).
+        calibration, ood_stats: what `bundle_calibration` returns (calibration.json and ood_stats.npz).
 
     Returns:
         {"version", "parity", "metrics"}; the card is left to the caller (it needs paths and config).
@@ -186,7 +248,12 @@ def run_export(predictor: Predictor, encoder, encoder_dir: Path, out: Path, text
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    export_onnx(build_graph(predictor, encoder), out / ONNX_FILE, int(predictor.meta["net_kwargs"]["tfidf_dim"]), opset)
+    export_onnx(
+        build_graph(predictor, encoder),
+        out / ONNX_FILE,
+        int(predictor.meta["net_kwargs"]["tfidf_dim"]),
+        opset,
+    )
     variants = {"fp32": ONNX_FILE}
     if quantize_int8:
         quantize(out / ONNX_FILE, out / INT8_FILE)
@@ -195,30 +262,54 @@ def run_export(predictor: Predictor, encoder, encoder_dir: Path, out: Path, text
     write_tokenizer(encoder_dir, out / TOKENIZER_FILE, int(encoder.max_seq_length))
     joblib.dump(predictor.featurizer.vectorizer, out / TFIDF_FILE)
     write_json(out / LABELS_FILE, predictor.labels)
-    write_json(out / CALIBRATION_FILE, {"temperature": 1.0, "min_confidence": 0.0, "min_margin": 0.0,
-                                        **(calibration or {})})
+    write_json(out / CALIBRATION_FILE, calibration or {"temperature": 1.0, "ood": {}})
+    if ood_stats:
+        with open(out / OOD_STATS_FILE, "wb") as fh:  # np.savez would add ".npz" to a name without it
+            np.savez(fh, **ood_stats)
     version = content_version(out)
-    write_json(out / BUNDLE_META, {
-        "format": "onnx", "version": version, "model": predictor.meta.get("model"), "model_file": ONNX_FILE,
-        "variants": variants, "inputs": ["input_ids", "attention_mask", "tfidf"], "outputs": ["logits"],
-        "opset": opset, "max_seq_length": int(encoder.max_seq_length), "session": session or {}})
+    write_json(
+        out / BUNDLE_META,
+        {
+            "format": "onnx",
+            "version": version,
+            "model": predictor.meta.get("model"),
+            "model_file": ONNX_FILE,
+            "variants": variants,
+            "inputs": ["input_ids", "attention_mask", "tfidf"],
+            "outputs": ["logits", "embedding"],
+            "opset": opset,
+            "max_seq_length": int(encoder.max_seq_length),
+            "session": session or {},
+        },
+    )
 
     def uncalibrated(onnx: OnnxPredictor):
         # Parity is checked at temperature 1: the torch Predictor has no temperature.
         return lambda t, batch_size: softmax(onnx.logits(t, batch_size))
 
     ref, ref_t = timed_predictions(predictor.predict_proba, texts, batch_size, latency_calls)
-    got, got_t = timed_predictions(uncalibrated(OnnxPredictor.from_bundle(out)), texts, batch_size, latency_calls)
+    got, got_t = timed_predictions(
+        uncalibrated(OnnxPredictor.from_bundle(out)), texts, batch_size, latency_calls
+    )
     parity = parity_report(ref, got, min_agreement, max_abs_diff)
-    metrics = {"version": version, "n_test": len(texts), "export_seconds": round(export_s, 1),
-               "torch": {**scores(ref, y), **ref_t},
-               "fp32": {**scores(got, y), **got_t, "bytes": (out / ONNX_FILE).stat().st_size}}
+    metrics = {
+        "version": version,
+        "n_test": len(texts),
+        "export_seconds": round(export_s, 1),
+        "torch": {**scores(ref, y), **ref_t},
+        "fp32": {**scores(got, y), **got_t, "bytes": (out / ONNX_FILE).stat().st_size},
+    }
     if quantize_int8:
-        q, q_t = timed_predictions(uncalibrated(OnnxPredictor.from_bundle(out, variant="int8")), texts, batch_size,
-                                   latency_calls)
-        metrics["int8"] = {**scores(q, y), **q_t, "bytes": (out / INT8_FILE).stat().st_size,
-                           "argmax_agreement_with_fp32": round(float((q.argmax(1) == got.argmax(1)).mean()), 4),
-                           "max_abs_prob_diff_vs_fp32": round(float(np.abs(q - got).max()), 4)}
+        q, q_t = timed_predictions(
+            uncalibrated(OnnxPredictor.from_bundle(out, variant="int8")), texts, batch_size, latency_calls
+        )
+        metrics["int8"] = {
+            **scores(q, y),
+            **q_t,
+            "bytes": (out / INT8_FILE).stat().st_size,
+            "argmax_agreement_with_fp32": round(float((q.argmax(1) == got.argmax(1)).mean()), 4),
+            "max_abs_prob_diff_vs_fp32": round(float(np.abs(q - got).max()), 4),
+        }
     return {"version": version, "parity": parity, "metrics": metrics}
 
 
@@ -233,9 +324,16 @@ def file_sha256(path: str | os.PathLike) -> str:
 def git_revision(cwd: str | os.PathLike = ".") -> str:
     """`git rev-parse HEAD`, with "+dirty" when tracked files differ from it; "unknown" outside git."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, check=True)
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
@@ -248,12 +346,62 @@ def read_calibration(model_dir: Path, meta: dict) -> dict:
     return {"temperature": float(fitted.get("temperature", meta.get("temperature", 1.0)))}
 
 
-def build_card(version: str, reports: dict[str, dict | None], export_result: dict, data_sha256: dict[str, str],
-               params: dict, git_rev: str) -> dict:
+def bundle_calibration(fitted: dict, train_temperature: float, review_defaults: dict) -> tuple[dict, dict]:
+    """The bundle's calibration.json and out-of-scope statistics from the `calibrate` stage's fit.
+
+    Args:
+        fitted: `ood.load_calibration(models/calibration.json)` (arrays under ood.stats), or {} without one.
+        train_temperature: the train bundle's temperature, used when nothing was fitted.
+        review_defaults: min_confidence and min_margin (export params) for a fit without review thresholds.
+
+    Returns:
+        (calibration in `ood.postprocess`'s shape, {name: array} for ood_stats.npz; empty for logit methods)
+    """
+    ood = dict(fitted.get("ood") or {})
+    stats = ood.pop("stats", None) or {}
+    ood.pop("stats_file", None)
+    if stats:
+        ood["stats_file"] = OOD_STATS_FILE
+    review = fitted.get("review") or {}
+    calibration = {
+        "temperature": float(fitted.get("temperature", train_temperature)),
+        "ood": ood,
+        "review": {k: float(review.get(k, review_defaults[k])) for k in ("min_confidence", "min_margin")},
+        "oos_label": fitted.get("oos_label"),
+    }
+    return calibration, stats
+
+
+def card_calibration(calibration: dict) -> dict:
+    """What the model card says about calibration and out-of-scope detection (no arrays)."""
+    ood = calibration.get("ood") or {}
+    return {
+        "temperature": calibration.get("temperature", 1.0),
+        "out_of_scope": {
+            k: ood[k] for k in ("method", "threshold", "higher_is_ood", "target", "k") if k in ood
+        }
+        | {"stats_file": ood.get("stats_file")},
+        "review": calibration.get("review", {}),
+        "oos_label": calibration.get("oos_label"),
+        "reasons": "out_of_distribution (the out-of-scope score is past the threshold), else low_confidence "
+        "(calibrated top-1 < review.min_confidence), else ambiguous (top1 - top2 < review.min_margin)",
+    }
+
+
+def build_card(
+    version: str,
+    reports: dict[str, dict | None],
+    export_result: dict,
+    data_sha256: dict[str, str],
+    params: dict,
+    git_rev: str,
+    calibration: dict | None = None,
+) -> dict:
     """The model card: what was exported, from which data, code and config, and how well it does.
 
     Args:
         reports: the train and eval metrics json (None when a report is missing).
+        calibration: the bundle's calibration.json (temperature, out-of-scope method and threshold, review).
     """
     train, evaluate = reports.get("train") or {}, reports.get("eval") or {}
     m = export_result["metrics"]
@@ -261,11 +409,21 @@ def build_card(version: str, reports: dict[str, dict | None], export_result: dic
         "version": version,
         "model": train.get("model") or params.get("model", {}).get("name"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "metrics": {"train": {k: train[k] for k in ("val", "test", "size") if k in train},
-                    "eval": evaluate.get("test", {}),
-                    "export": {v: {k: m[v][k] for k in ("accuracy", "macro_f1", "sentences_per_s", "single_ms_p50")
-                                   if k in m[v]} for v in ("fp32", "int8") if v in m},
-                    "parity": {k: export_result["parity"][k] for k in ("argmax_agreement", "max_abs_prob_diff")}},
+        "calibration": card_calibration(calibration or {}),
+        "metrics": {
+            "train": {k: train[k] for k in ("val", "test", "size") if k in train},
+            "eval": evaluate.get("test", {}),
+            "export": {
+                v: {
+                    k: m[v][k]
+                    for k in ("accuracy", "macro_f1", "sentences_per_s", "single_ms_p50")
+                    if k in m[v]
+                }
+                for v in ("fp32", "int8")
+                if v in m
+            },
+            "parity": {k: export_result["parity"][k] for k in ("argmax_agreement", "max_abs_prob_diff")},
+        },
         "data": {"sha256": data_sha256},
         "params": params,
         "git_revision": git_rev,
@@ -284,8 +442,11 @@ def main() -> None:
     predictor = Predictor.load(model_dir)
     model = predictor.meta.get("model")
     if model not in EXPORTABLE_MODELS:
-        raise UserError(f"export does not support model {model!r} yet", where=str(model_dir / BUNDLE_META),
-                        fix=f"train one of {list(EXPORTABLE_MODELS)} (model=minilm_head is the default)")
+        raise UserError(
+            f"export does not support model {model!r} yet",
+            where=str(model_dir / BUNDLE_META),
+            fix=f"train one of {list(EXPORTABLE_MODELS)} (model=minilm_head is the default)",
+        )
     featurizer = predictor.featurizer
     encoder_dir = Path(resolve_encoder(featurizer.encoder_name))
     encoder = load_encoder(featurizer.encoder_name)
@@ -293,26 +454,47 @@ def main() -> None:
         encoder.max_seq_length = int(featurizer.max_seq_length)
 
     test, y, _ = encode_labels(pd.read_parquet(paths.test), predictor.labels)
-    # The `calibrate` stage's fit (temperature, review thresholds) wins over the train bundle and export's defaults.
-    fitted = read_json(paths.calibration) if Path(paths.calibration).is_file() else {}
-    review = fitted.get("review", {})
-    calibration = {**read_calibration(model_dir, predictor.meta),
-                   **({"temperature": float(fitted["temperature"])} if "temperature" in fitted else {}),
-                   "min_confidence": float(review.get("min_confidence", ecfg.min_confidence)),
-                   "min_margin": float(review.get("min_margin", ecfg.min_margin))}
+    # The `calibrate` stage's fit (temperature, out-of-scope method and threshold, review thresholds) wins over
+    # the train bundle's temperature and export's review defaults.
+    fitted = load_calibration(paths.calibration) if Path(paths.calibration).is_file() else {}
+    calibration, ood_stats = bundle_calibration(
+        fitted,
+        read_calibration(model_dir, predictor.meta)["temperature"],
+        {"min_confidence": ecfg.min_confidence, "min_margin": ecfg.min_margin},
+    )
     threads = int(ecfg.intra_op_num_threads or os.cpu_count() or 1)
-    reports = {name: (read_json(p) if Path(p).is_file() else None)
-               for name, p in (("train", paths.train_metrics), ("eval", paths.eval_metrics))}
+    reports = {
+        name: (read_json(p) if Path(p).is_file() else None)
+        for name, p in (("train", paths.train_metrics), ("eval", paths.eval_metrics))
+    }
     data_sha = {s: file_sha256(paths[s]) for s in ("train", "val", "test") if Path(paths[s]).is_file()}
     with atomic_path(paths.bundle_dir) as tmp:
-        result = run_export(predictor, encoder, encoder_dir, tmp, test["text"].tolist(), y, opset=int(ecfg.opset),
-                            quantize_int8=bool(ecfg.quantize), calibration=calibration,
-                            session={"intra_op_num_threads": threads}, batch_size=int(ecfg.batch_size),
-                            latency_calls=int(ecfg.latency_calls),
-                            min_agreement=float(ecfg.parity_min_argmax_agreement),
-                            max_abs_diff=float(ecfg.parity_max_abs_prob_diff))
-        card = build_card(result["version"], reports, result, data_sha, OmegaConf.to_container(cfg, resolve=True),
-                          git_revision())
+        result = run_export(
+            predictor,
+            encoder,
+            encoder_dir,
+            tmp,
+            test["text"].tolist(),
+            y,
+            opset=int(ecfg.opset),
+            quantize_int8=bool(ecfg.quantize),
+            calibration=calibration,
+            ood_stats=ood_stats,
+            session={"intra_op_num_threads": threads},
+            batch_size=int(ecfg.batch_size),
+            latency_calls=int(ecfg.latency_calls),
+            min_agreement=float(ecfg.parity_min_argmax_agreement),
+            max_abs_diff=float(ecfg.parity_max_abs_prob_diff),
+        )
+        card = build_card(
+            result["version"],
+            reports,
+            result,
+            data_sha,
+            OmegaConf.to_container(cfg, resolve=True),
+            git_revision(),
+            calibration,
+        )
         write_json(tmp / CARD_FILE, card)
         write_json(paths.export_parity, {"version": result["version"], **result["parity"]})
         parity = result["parity"]
@@ -325,15 +507,26 @@ def main() -> None:
                 fix="check the graph in intentops.export.build_graph against the featurizer (pooling, max_seq_length)",
             )
     # Timings on a shared machine: record what else was running so that numbers can be compared honestly.
-    result["metrics"]["cpu"] = {"count": os.cpu_count(), "ort_threads": threads,
-                                "load_avg_1m": round(os.getloadavg()[0], 2)}
+    result["metrics"]["cpu"] = {
+        "count": os.cpu_count(),
+        "ort_threads": threads,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
     write_json(paths.export_metrics, result["metrics"])
     m = result["metrics"]
-    log.info("export %s: parity argmax %.5f, max |Δp| %.2e; fp32 acc %.4f %.0f sent/s %.1f ms single%s",
-             result["version"], parity["argmax_agreement"], parity["max_abs_prob_diff"], m["fp32"]["accuracy"],
-             m["fp32"]["sentences_per_s"], m["fp32"]["single_ms_p50"],
-             f"; int8 acc {m['int8']['accuracy']:.4f} {m['int8']['sentences_per_s']:.0f} sent/s "
-             f"{m['int8']['single_ms_p50']:.1f} ms single" if "int8" in m else "")
+    log.info(
+        "export %s: parity argmax %.5f, max |Δp| %.2e; fp32 acc %.4f %.0f sent/s %.1f ms single%s",
+        result["version"],
+        parity["argmax_agreement"],
+        parity["max_abs_prob_diff"],
+        m["fp32"]["accuracy"],
+        m["fp32"]["sentences_per_s"],
+        m["fp32"]["single_ms_p50"],
+        f"; int8 acc {m['int8']['accuracy']:.4f} {m['int8']['sentences_per_s']:.0f} sent/s "
+        f"{m['int8']['single_ms_p50']:.1f} ms single"
+        if "int8" in m
+        else "",
+    )
 
 
 if __name__ == "__main__":

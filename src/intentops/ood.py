@@ -43,8 +43,12 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds: tuple[float, floa
     """
     from scipy.optimize import minimize_scalar
 
-    res = minimize_scalar(lambda log_t: nll(logits, y, math.exp(log_t)), method="bounded",
-                          bounds=(math.log(bounds[0]), math.log(bounds[1])), options={"xatol": 1e-4})
+    res = minimize_scalar(
+        lambda log_t: nll(logits, y, math.exp(log_t)),
+        method="bounded",
+        bounds=(math.log(bounds[0]), math.log(bounds[1])),
+        options={"xatol": 1e-4},
+    )
     return float(math.exp(res.x))
 
 
@@ -92,12 +96,14 @@ def knn_score(embeddings: np.ndarray, bank: np.ndarray, k: int = 10, batch: int 
     k = min(k, len(bank))
     out = np.empty(len(embeddings))
     for start in range(0, len(embeddings), batch):
-        sims = embeddings[start:start + batch].astype(np.float32) @ bank.T
-        out[start:start + batch] = 1.0 - np.partition(sims, -k, axis=1)[:, -k]
+        sims = embeddings[start : start + batch].astype(np.float32) @ bank.T
+        out[start : start + batch] = 1.0 - np.partition(sims, -k, axis=1)[:, -k]
     return out
 
 
-def ood_scores(logits: np.ndarray, ood: dict, temperature: float, embeddings: np.ndarray | None = None) -> np.ndarray:
+def ood_scores(
+    logits: np.ndarray, ood: dict, temperature: float, embeddings: np.ndarray | None = None
+) -> np.ndarray:
     """The configured method's score per row (n,); direction given by `HIGHER_IS_OOD[ood["method"]]`."""
     method = ood["method"]
     if method == "msp":
@@ -120,8 +126,9 @@ def is_ood(scores: np.ndarray, threshold: float, higher_is_ood: bool) -> np.ndar
 
 
 # --- threshold selection -----------------------------------------------------------------------------------
-def choose_threshold(scores: np.ndarray, is_oos: np.ndarray, correct: np.ndarray, higher_is_ood: bool,
-                     target: dict[str, float]) -> float:
+def choose_threshold(
+    scores: np.ndarray, is_oos: np.ndarray, correct: np.ndarray, higher_is_ood: bool, target: dict[str, float]
+) -> float:
     """The least aggressive threshold that meets a single target on validation rows.
 
     Args:
@@ -137,7 +144,7 @@ def choose_threshold(scores: np.ndarray, is_oos: np.ndarray, correct: np.ndarray
     """
     if len(target) != 1 or next(iter(target)) not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS} with a value, got {dict(target)}")
-    (name, value), = target.items()
+    ((name, value),) = target.items()
     # Work in "higher = more OOD" space; flagged = s >= t. Candidates are the observed scores.
     s = np.asarray(scores, dtype=np.float64) * (1 if higher_is_ood else -1)
     sign = 1 if higher_is_ood else -1
@@ -166,22 +173,29 @@ def choose_threshold(scores: np.ndarray, is_oos: np.ndarray, correct: np.ndarray
 
 
 # --- detection and selective-prediction metrics -------------------------------------------------------------
-def detection_metrics(scores: np.ndarray, positive: np.ndarray, higher_is_positive: bool,
-                      tpr_level: float = 0.95) -> dict[str, float]:
+def detection_metrics(
+    scores: np.ndarray, positive: np.ndarray, higher_is_positive: bool, tpr_level: float = 0.95
+) -> dict[str, float]:
     """AUROC and FPR at `tpr_level` TPR of a detector; the positives are the rows to catch (e.g. OOS)."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     s = scores if higher_is_positive else -np.asarray(scores)
     fpr, tpr, _ = roc_curve(positive, s)
-    return {"auroc": float(roc_auc_score(positive, s)),
-            f"fpr_at_{round(tpr_level * 100)}_tpr": float(fpr[np.searchsorted(tpr, tpr_level, side="left")])}
+    return {
+        "auroc": float(roc_auc_score(positive, s)),
+        f"fpr_at_{round(tpr_level * 100)}_tpr": float(fpr[np.searchsorted(tpr, tpr_level, side="left")]),
+    }
 
 
-def roc_points(scores: np.ndarray, positive: np.ndarray, higher_is_positive: bool, n: int = 101) -> list[dict]:
+def roc_points(
+    scores: np.ndarray, positive: np.ndarray, higher_is_positive: bool, n: int = 101
+) -> list[dict]:
     """The ROC curve thinned to about `n` points (fpr, tpr) for a DVC plot."""
     from sklearn.metrics import roc_curve
 
-    fpr, tpr, _ = roc_curve(positive, scores if higher_is_positive else -np.asarray(scores), drop_intermediate=True)
+    fpr, tpr, _ = roc_curve(
+        positive, scores if higher_is_positive else -np.asarray(scores), drop_intermediate=True
+    )
     idx = np.unique(np.linspace(0, len(fpr) - 1, min(n, len(fpr))).round().astype(int))
     return [{"fpr": round(float(fpr[i]), 5), "tpr": round(float(tpr[i]), 5)} for i in idx]
 
@@ -197,12 +211,16 @@ def risk_coverage(confidence: np.ndarray, correct: np.ndarray, n: int = 101) -> 
     counts = np.arange(1, len(order) + 1)
     risk = errors / counts
     idx = np.unique(np.linspace(0, len(order) - 1, min(n, len(order))).round().astype(int))
-    points = [{"coverage": round(float(counts[i] / len(order)), 5), "risk": round(float(risk[i]), 5)} for i in idx]
+    points = [
+        {"coverage": round(float(counts[i] / len(order)), 5), "risk": round(float(risk[i]), 5)} for i in idx
+    ]
     return points, float(risk.mean())
 
 
 # --- serving -----------------------------------------------------------------------------------------------
-def postprocess(logits: np.ndarray, calibration: dict, embeddings: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def postprocess(
+    logits: np.ndarray, calibration: dict, embeddings: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Calibrated probabilities, out-of-scope flags and review flags from raw logits.
 
     Args:
@@ -225,7 +243,9 @@ def postprocess(logits: np.ndarray, calibration: dict, embeddings: np.ndarray | 
     ood = calibration.get("ood") or {}
     if ood.get("method") and ood.get("threshold") is not None:
         score = ood_scores(logits, ood, temperature, embeddings)
-        out_of_scope = is_ood(score, float(ood["threshold"]), bool(ood.get("higher_is_ood", HIGHER_IS_OOD[ood["method"]])))
+        out_of_scope = is_ood(
+            score, float(ood["threshold"]), bool(ood.get("higher_is_ood", HIGHER_IS_OOD[ood["method"]]))
+        )
     else:
         score, out_of_scope = np.full(len(logits), np.nan), np.zeros(len(logits), dtype=bool)
     review = calibration.get("review") or {}
@@ -236,15 +256,37 @@ def postprocess(logits: np.ndarray, calibration: dict, embeddings: np.ndarray | 
     reason[ambiguous] = "ambiguous"
     reason[low] = "low_confidence"
     reason[out_of_scope] = "out_of_distribution"
-    return {"proba": proba, "pred": proba.argmax(axis=1), "confidence": confidence, "margin": margin,
-            "ood_score": score, "out_of_scope": out_of_scope, "needs_review": low | ambiguous, "reason": reason}
+    return {
+        "proba": proba,
+        "pred": proba.argmax(axis=1),
+        "confidence": confidence,
+        "margin": margin,
+        "ood_score": score,
+        "out_of_scope": out_of_scope,
+        "needs_review": low | ambiguous,
+        "reason": reason,
+    }
+
+
+def normalize_calibration(raw: dict) -> dict:
+    """A calibration record in `postprocess`'s shape.
+
+    Bundles exported before the `calibrate` stage kept min_confidence/min_margin at the top level and had
+    no out-of-scope method; those keys move under "review" and "ood" stays empty.
+    """
+    out = {k: v for k, v in raw.items() if k not in ("min_confidence", "min_margin")}
+    legacy = {k: raw[k] for k in ("min_confidence", "min_margin") if k in raw}
+    if legacy and "review" not in raw:
+        out["review"] = legacy
+    out.setdefault("ood", {})
+    return out
 
 
 def load_calibration(path: str | os.PathLike) -> dict:
     """Read calibration.json and, for embedding methods, its statistics (.npz named in "ood.stats_file")."""
     path = Path(path)
-    calibration = json.loads(path.read_text(encoding="utf-8"))
-    ood = calibration.get("ood") or {}
+    calibration = normalize_calibration(json.loads(path.read_text(encoding="utf-8")))
+    ood = calibration["ood"]
     if ood.get("method") in EMBEDDING_METHODS:
         with np.load(path.parent / ood["stats_file"]) as npz:
             ood["stats"] = {k: npz[k] for k in npz.files}

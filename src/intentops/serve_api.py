@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,7 +40,9 @@ class RequestError(UserError):
 class PredictRequest(BaseModel):
     """One text or a list of texts; exactly one of the two."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": "my card has not arrived"}]})
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"text": "my card has not arrived"}]}
+    )
     text: str | None = None
     texts: list[str] | None = None
 
@@ -51,12 +53,16 @@ class TopK(BaseModel):
 
 
 class Prediction(BaseModel):
-    prediction_id: str
-    intent: str
-    confidence: float
+    prediction_id: str = Field(description="send it back with POST /v1/feedback")
+    intent: str = Field(description="the top-1 intent (a suggestion only when out_of_scope)")
+    confidence: float = Field(description="calibrated top-1 probability")
     top_k: list[TopK]
-    needs_review: bool
-    review_reason: str | None = None
+    out_of_scope: bool = Field(description="not routed automatically: `reason` says why")
+    reason: Literal["out_of_distribution", "low_confidence", "ambiguous"] | None = Field(
+        description="out_of_distribution: the out-of-scope score is past the bundle's threshold; low_confidence: "
+        "top-1 below min_confidence; ambiguous: top1 - top2 below min_margin; null when in scope"
+    )
+    needs_review: bool = Field(description="queued for human review (true whenever out_of_scope)")
     model_version: str
 
 
@@ -88,8 +94,11 @@ def merge_settings(defaults: Mapping[str, Any], user_config: Mapping[str, Any] |
     out = copy.deepcopy(dict(defaults))
     for key, value in (user_config or {}).items():
         if key not in out:
-            raise UserError(f"unknown serving setting {key!r}", where="serving/config.yaml user_config",
-                            fix=f"use one of {sorted(out)} (conf/serving/default.yaml documents them)")
+            raise UserError(
+                f"unknown serving setting {key!r}",
+                where="serving/config.yaml user_config",
+                fix=f"use one of {sorted(out)} (conf/serving/default.yaml documents them)",
+            )
         if isinstance(out[key], dict) and isinstance(value, Mapping):
             out[key] = merge_settings(out[key], value)
         else:
@@ -99,18 +108,40 @@ def merge_settings(defaults: Mapping[str, Any], user_config: Mapping[str, Any] |
 
 def check_settings(s: Mapping[str, Any]) -> None:
     """Refuse settings that cannot work, naming the key."""
-    positive = {"top_k": s["top_k"], "max_texts": s["max_texts"], "max_text_chars": s["max_text_chars"],
-                "batching.max_batch_size": s["batching"]["max_batch_size"], "num_threads": s["num_threads"]}
+    positive = {
+        "top_k": s["top_k"],
+        "max_texts": s["max_texts"],
+        "max_text_chars": s["max_text_chars"],
+        "batching.max_batch_size": s["batching"]["max_batch_size"],
+        "num_threads": s["num_threads"],
+    }
     for key, value in positive.items():
         if not isinstance(value, int) or value < 1:
-            raise UserError(f"serving.{key} must be a whole number >= 1, got {value!r}",
-                            where="serving/config.yaml user_config or conf/serving/default.yaml", fix="fix the value")
-    for key in ("batching.batch_wait_timeout_s", "watch_interval_s", "review.min_confidence", "review.min_margin"):
+            raise UserError(
+                f"serving.{key} must be a whole number >= 1, got {value!r}",
+                where="serving/config.yaml user_config or conf/serving/default.yaml",
+                fix="fix the value",
+            )
+    if s["variant"] not in ("fp32", "int8"):
+        raise UserError(
+            f"serving.variant must be fp32 or int8, got {s['variant']!r}",
+            where="serving/config.yaml user_config or conf/serving/default.yaml",
+            fix="fp32 (the exported graph) or int8 (its dynamic int8 copy, export.quantize=true)",
+        )
+    for key in (
+        "batching.batch_wait_timeout_s",
+        "watch_interval_s",
+        "review.min_confidence",
+        "review.min_margin",
+    ):
         group, _, name = key.rpartition(".")
         value = s[group][name] if group else s[name]
         if not isinstance(value, int | float) or value < 0:
-            raise UserError(f"serving.{key} must be a number >= 0, got {value!r}",
-                            where="serving/config.yaml user_config or conf/serving/default.yaml", fix="fix the value")
+            raise UserError(
+                f"serving.{key} must be a number >= 0, got {value!r}",
+                where="serving/config.yaml user_config or conf/serving/default.yaml",
+                fix="fix the value",
+            )
 
 
 def resolve_bundle(bundle: str, registry_dir: str | os.PathLike, root: Path) -> tuple[Path, str | None]:
@@ -121,8 +152,11 @@ def resolve_bundle(bundle: str, registry_dir: str | os.PathLike, root: Path) -> 
     pointer = registry / PRODUCTION
     version = pointer.read_text().strip() if pointer.is_file() else ""
     if not version:
-        raise UserError("no production model: the registry pointer is missing or empty", where=str(pointer),
-                        fix="run the pipeline so that `promote` sets one, or set user_config.bundle to a bundle folder")
+        raise UserError(
+            "no production model: the registry pointer is missing or empty",
+            where=str(pointer),
+            fix="run the pipeline so that `promote` sets one, or set user_config.bundle to a bundle folder",
+        )
     return (registry / version).resolve(), version
 
 
@@ -152,7 +186,12 @@ def model_version(predictor: Any, bundle_dir: Path, registry_version: str | None
     """The predictor's version, else the card's or bundle record's, else the registry or folder name."""
     card = model_card(predictor, bundle_dir)
     meta = getattr(predictor, "meta", None) or {}
-    for cand in (getattr(predictor, "version", None), card.get("version"), meta.get("version"), registry_version):
+    for cand in (
+        getattr(predictor, "version", None),
+        card.get("version"),
+        meta.get("version"),
+        registry_version,
+    ):
         if cand:
             return str(cand)
     return bundle_dir.name
@@ -169,81 +208,86 @@ def model_card(predictor: Any, bundle_dir: Path) -> dict:
     return {k: v for k, v in (getattr(predictor, "meta", None) or {}).items() if k != "labels"}
 
 
-def review_thresholds(card: Mapping[str, Any], review: Mapping[str, Any]) -> dict[str, Any]:
-    """min_confidence and min_margin from the card's calibration when it has them, else the config's.
+def serving_calibration(
+    calibration: Mapping[str, Any], review: Mapping[str, Any]
+) -> tuple[dict, dict[str, Any]]:
+    """The bundle's calibration with the config's review thresholds where the bundle has none.
 
-    Reads `card["calibration"]["thresholds"]` (or `card["calibration"]`) keys min_confidence, min_margin.
+    Args:
+        calibration: the predictor's (ood.postprocess shape: temperature, ood, review).
+        review: `serving.review` (min_confidence, min_margin).
+
+    Returns:
+        (calibration for the predictor, what GET /v1/model reports: thresholds, their source, the OOD method)
     """
-    calibration = card.get("calibration") or {}
-    calibrated = calibration.get("thresholds", calibration) if isinstance(calibration, Mapping) else {}
-    out: dict[str, Any] = {}
-    for key in ("min_confidence", "min_margin"):
-        value = calibrated.get(key) if isinstance(calibrated, Mapping) else None
-        out[key] = float(value) if isinstance(value, int | float) else float(review[key])
-    out["source"] = "bundle" if any(isinstance(calibrated.get(k), int | float) for k in ("min_confidence", "min_margin")) \
-        else "config"
-    return out
+    bundle_review = calibration.get("review") or {}
+    merged = {
+        k: float(bundle_review[k]) if isinstance(bundle_review.get(k), int | float) else float(review[k])
+        for k in ("min_confidence", "min_margin")
+    }
+    ood = calibration.get("ood") or {}
+    info = {
+        **merged,
+        "source": "bundle"
+        if any(isinstance(bundle_review.get(k), int | float) for k in merged)
+        else "config",
+        "temperature": float(calibration.get("temperature", 1.0)),
+        "out_of_scope": {k: ood.get(k) for k in ("method", "threshold", "higher_is_ood")}
+        if ood.get("method")
+        else None,
+    }
+    return {**calibration, "review": merged}, info
 
 
 # --- requests and responses ---------------------------------------------------------------------------------
 def request_texts(req: PredictRequest, max_texts: int, max_chars: int) -> list[str]:
     """The texts of a predict request, or a RequestError (422 shape, 413 size)."""
     if (req.text is None) == (req.texts is None):
-        raise RequestError(422, "give exactly one of `text` (a string) or `texts` (a list of strings)",
-                           where="request body", fix='send {"text": "..."} or {"texts": ["...", "..."]}')
+        raise RequestError(
+            422,
+            "give exactly one of `text` (a string) or `texts` (a list of strings)",
+            where="request body",
+            fix='send {"text": "..."} or {"texts": ["...", "..."]}',
+        )
     texts = [req.text] if req.text is not None else list(req.texts or [])
     if not texts:
         raise RequestError(422, "`texts` is empty", where="request body: texts", fix="send at least one text")
     if len(texts) > max_texts:
-        raise RequestError(413, f"{len(texts)} texts in one request; the limit is {max_texts}",
-                           where="request body: texts", fix=f"split the list into requests of at most {max_texts}")
+        raise RequestError(
+            413,
+            f"{len(texts)} texts in one request; the limit is {max_texts}",
+            where="request body: texts",
+            fix=f"split the list into requests of at most {max_texts}",
+        )
     for i, text in enumerate(texts):
         where = "request body: text" if req.text is not None else f"request body: texts[{i}]"
         if not text.strip():
             raise RequestError(422, "empty text", where=where, fix="send the customer's message")
         if len(text) > max_chars:
-            raise RequestError(413, f"text of {len(text)} characters; the limit is {max_chars}", where=where,
-                               fix=f"send at most {max_chars} characters (the first part of the message)")
+            raise RequestError(
+                413,
+                f"text of {len(text)} characters; the limit is {max_chars}",
+                where=where,
+                fix=f"send at most {max_chars} characters (the first part of the message)",
+            )
     return texts
 
 
-def review_reason(confidence: float, margin: float, thresholds: Mapping[str, float]) -> str | None:
-    """Why a prediction needs review (low_confidence, small_margin) or None."""
-    if confidence < thresholds["min_confidence"]:
-        return "low_confidence"
-    if margin < thresholds["min_margin"]:
-        return "small_margin"
-    return None
-
-
-def shape_predictions(raw: Sequence[Mapping[str, Any]], model: LoadedModel, top_k: int) -> list[dict[str, Any]]:
-    """Predictor output rows -> API rows with needs_review, a new prediction id and the model version.
-
-    `raw` must hold at least two top-k entries per row (the margin needs the runner-up). A predictor
-    that decides `needs_review` itself (a calibrated bundle) is followed.
-    """
-    rows = []
-    for r in raw:
-        top = r["top_k"]
-        margin = top[0]["confidence"] - top[1]["confidence"] if len(top) > 1 else top[0]["confidence"]
-        reason = review_reason(r["confidence"], margin, model.thresholds)
-        needs = bool(r["needs_review"]) if "needs_review" in r else reason is not None
-        rows.append({
+def shape_predictions(raw: Sequence[Mapping[str, Any]], version: str) -> list[dict[str, Any]]:
+    """Predictor.predict rows -> API rows: a new prediction id and the model version added (key order as documented)."""
+    return [
+        {
             "prediction_id": str(uuid.uuid4()),
             "intent": r["intent"],
-            "confidence": float(r["confidence"]),
-            "top_k": [{"intent": t["intent"], "confidence": float(t["confidence"])} for t in top[:top_k]],
-            "needs_review": needs,
-            "review_reason": (reason or "model") if needs else None,
-            "model_version": model.version,
-            "margin": margin,
-        })
-    return rows
-
-
-def public_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A shaped row without the internal fields."""
-    return {k: v for k, v in row.items() if k != "margin"}
+            "confidence": r["confidence"],
+            "top_k": r["top_k"],
+            "out_of_scope": r["out_of_scope"],
+            "reason": r["reason"],
+            "needs_review": r["needs_review"],
+            "model_version": version,
+        }
+        for r in raw
+    ]
 
 
 def store_top_k(row: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -280,8 +324,9 @@ def import_app(root: Path) -> Any:
 
     if "serving" not in sys.modules:
         pkg = root / "serving"
-        spec = importlib.util.spec_from_file_location("serving", pkg / "__init__.py",
-                                                      submodule_search_locations=[str(pkg)])
+        spec = importlib.util.spec_from_file_location(
+            "serving", pkg / "__init__.py", submodule_search_locations=[str(pkg)]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules["serving"] = module
         spec.loader.exec_module(module)

@@ -13,9 +13,18 @@ import pytest
 # The modelling tests' fixture data writer, so that every model test trains on the same small dataset.
 from model.conftest import SMALL, write_fixture_project
 
-TINY = [*SMALL, "model.max_epochs=15", "model.batch_size=32", "train.patience=15",
-        "export.batch_size=16", "export.latency_calls=5", "promote.latency_calls=10", "promote.warmup_calls=2",
-        "promote.n_boot=200", "promote.latency_budget_ms=1000"]
+TINY = [
+    *SMALL,
+    "model.max_epochs=15",
+    "model.batch_size=32",
+    "train.patience=15",
+    "export.batch_size=16",
+    "export.latency_calls=5",
+    "promote.latency_calls=10",
+    "promote.warmup_calls=2",
+    "promote.n_boot=200",
+    "promote.latency_budget_ms=1000",
+]
 
 
 def tiny_project(root: Path, overrides: list[str] = ()):
@@ -80,15 +89,28 @@ def test_bundle_contents(project):
 
     root, cfg = project
     bundle = root / cfg.paths.bundle_dir
-    assert {p.name for p in bundle.iterdir()} == {"bundle.json", "model.onnx", "model.int8.onnx", "tokenizer.json",
-                                                 "tfidf.joblib", "labels.json", "calibration.json", "card.json"}
+    assert {p.name for p in bundle.iterdir()} == {
+        "bundle.json",
+        "model.onnx",
+        "model.int8.onnx",
+        "tokenizer.json",
+        "tfidf.joblib",
+        "labels.json",
+        "calibration.json",
+        "card.json",
+    }
     meta = json.loads((bundle / "bundle.json").read_text())
     assert meta["format"] == "onnx" and meta["version"] == content_version(bundle)
     assert meta["variants"] == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
     torch_meta = json.loads((root / cfg.paths.model_dir / "bundle.json").read_text())
     assert json.loads((bundle / "labels.json").read_text()) == torch_meta["labels"]
+    # No `calibrate` output in this project: temperature 1, export's review thresholds, no out-of-scope method.
     assert json.loads((bundle / "calibration.json").read_text()) == {
-        "temperature": 1.0, "min_confidence": cfg.export.min_confidence, "min_margin": cfg.export.min_margin}
+        "temperature": 1.0,
+        "ood": {},
+        "oos_label": None,
+        "review": {"min_confidence": cfg.export.min_confidence, "min_margin": cfg.export.min_margin},
+    }
     tok = json.loads((bundle / "tokenizer.json").read_text())
     assert tok["truncation"]["max_length"] == cfg.embed.max_seq_length
     assert tok["padding"]["strategy"] == "BatchLongest"
@@ -101,10 +123,12 @@ def test_one_onnx_graph_with_dynamic_axes(project):
     model = onnx.load(str(root / cfg.paths.bundle_dir / "model.onnx"))
     onnx.checker.check_model(model)
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
-    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    inputs = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input
+    }
     assert inputs["input_ids"] == inputs["attention_mask"] == ["batch", "sequence"]
     assert inputs["tfidf"][0] == "batch" and inputs["tfidf"][1] > 0
-    assert [o.name for o in model.graph.output] == ["logits"]
+    assert [o.name for o in model.graph.output] == ["logits", "embedding"]
 
 
 def test_parity_with_pytorch_on_the_test_rows(project):
@@ -118,7 +142,9 @@ def test_parity_with_pytorch_on_the_test_rows(project):
     onnx_p = Predictor.load(root / cfg.paths.bundle_dir)
     assert isinstance(onnx_p, OnnxPredictor) and onnx_p.labels == torch_p.labels
     # Batches of mixed lengths (padding) and a text past max_seq_length (truncation) included.
-    np.testing.assert_allclose(softmax(onnx_p.logits(texts, batch_size=7)), torch_p.predict_proba(texts), atol=1e-4)
+    np.testing.assert_allclose(
+        softmax(onnx_p.logits(texts, batch_size=7)), torch_p.predict_proba(texts), atol=1e-4
+    )
 
 
 def test_predict_api_for_serving(project, tmp_path):
@@ -129,15 +155,20 @@ def test_predict_api_for_serving(project, tmp_path):
     p = Predictor.load(bundle)
     out = p.predict(["my card was stolen", "hmm"], top_k=2)
     assert [len(r["top_k"]) for r in out] == [2, 2] and all(isinstance(r["needs_review"], bool) for r in out)
-    assert out[0]["intent"] == "lost_or_stolen_card" and out[0]["confidence"] == out[0]["top_k"][0]["confidence"]
+    assert (
+        out[0]["intent"] == "lost_or_stolen_card" and out[0]["confidence"] == out[0]["top_k"][0]["confidence"]
+    )
     assert p.version == json.loads((bundle / "bundle.json").read_text())["version"] == p.card["version"]
     assert p.predict_proba([]).shape == (0, len(p.labels))
     # The temperature divides the logits: a hotter bundle is less confident, same ranking.
     hot = tmp_path / "hot"
     shutil.copytree(bundle, hot)
-    (hot / "calibration.json").write_text(json.dumps({"temperature": 3.0, "min_confidence": 0.99, "min_margin": 0}))
+    (hot / "calibration.json").write_text(
+        json.dumps({"temperature": 3.0, "min_confidence": 0.99, "min_margin": 0})
+    )
     q = Predictor.load(hot).predict(["my card was stolen"])[0]
     assert q["intent"] == out[0]["intent"] and q["confidence"] < out[0]["confidence"] and q["needs_review"]
+    assert (q["out_of_scope"], q["reason"]) == (True, "low_confidence")  # an older bundle's flat calibration
 
 
 def test_int8_model_loads_predicts_and_is_reported(project):
@@ -148,7 +179,11 @@ def test_int8_model_loads_predicts_and_is_reported(project):
     assert int8.predict(["when will my card arrive"])[0]["intent"] == "card_arrival"
     m = json.loads((root / cfg.paths.export_metrics).read_text())
     for variant in ("torch", "fp32", "int8"):
-        assert 0 <= m[variant]["accuracy"] <= 1 and m[variant]["sentences_per_s"] > 0 and m[variant]["single_ms_p50"] > 0
+        assert (
+            0 <= m[variant]["accuracy"] <= 1
+            and m[variant]["sentences_per_s"] > 0
+            and m[variant]["single_ms_p50"] > 0
+        )
     assert m["int8"]["bytes"] < m["fp32"]["bytes"] / 2
 
 
@@ -158,8 +193,13 @@ def test_card_fields(project):
     root, cfg = project
     card = json.loads((root / cfg.paths.bundle_dir / "card.json").read_text())
     assert card["version"] == json.loads((root / cfg.paths.bundle_dir / "bundle.json").read_text())["version"]
-    assert card["model"] == "minilm_head" and card["git_revision"] == "unknown"  # the temp project is no git repo
-    assert card["metrics"]["train"]["test"]["accuracy"] > 0.5 and card["metrics"]["parity"]["argmax_agreement"] == 1.0
+    assert (
+        card["model"] == "minilm_head" and card["git_revision"] == "unknown"
+    )  # the temp project is no git repo
+    assert (
+        card["metrics"]["train"]["test"]["accuracy"] > 0.5
+        and card["metrics"]["parity"]["argmax_agreement"] == 1.0
+    )
     assert card["metrics"]["eval"] == {}  # no evaluate report in this project
     assert card["data"]["sha256"]["test"] == file_sha256(root / cfg.paths.test)
     assert card["params"]["export"]["opset"] == cfg.export.opset and card["wandb"] is None
@@ -181,3 +221,62 @@ def test_failed_parity_fails_the_stage_and_keeps_the_bundle(project):
         assert {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()} == before
     finally:
         set_params(root, [])
+
+
+def test_fitted_out_of_scope_calibration_travels_in_the_bundle(tmp_path_factory):
+    """models/calibration.json (the `calibrate` stage's kNN fit + its .npz) -> bundle, card and Predictor.predict."""
+    from intentops import export
+    from intentops.io import write_json
+    from intentops.ood import choose_threshold
+    from intentops.predictor import Predictor
+
+    root = tmp_path_factory.mktemp("export-ood") / "repo"
+    cfg = exported_project(tmp_path_factory, root)
+    train_emb = np.load(root / cfg.paths.embeddings_dir / "train.npy")
+    bank = train_emb.astype(np.float16)
+    with open(root / cfg.paths.calibration_stats, "wb") as fh:
+        np.savez(fh, bank=bank)
+    val_emb = np.load(root / cfg.paths.embeddings_dir / "val.npy")
+    from intentops.ood import knn_score
+
+    scores = knn_score(val_emb, bank, k=3)
+    threshold = choose_threshold(
+        scores, np.zeros(len(scores), bool), np.ones(len(scores), bool), True, {"coverage": 0.95}
+    )
+    write_json(
+        root / cfg.paths.calibration,
+        {
+            "temperature": 1.5,
+            "oos_label": "oos",
+            "review": {"min_confidence": 0.2, "min_margin": 0.0},
+            "ood": {
+                "method": "knn",
+                "threshold": threshold,
+                "higher_is_ood": True,
+                "k": 3,
+                "target": {"coverage": 0.95},
+                "stats_file": cfg.paths.calibration_stats.rsplit("/", 1)[-1],
+            },
+        },
+    )
+    run_stage(export, root)
+
+    bundle = root / cfg.paths.bundle_dir
+    cal = json.loads((bundle / "calibration.json").read_text())
+    assert cal["ood"] == {
+        "method": "knn",
+        "threshold": threshold,
+        "higher_is_ood": True,
+        "k": 3,
+        "target": {"coverage": 0.95},
+        "stats_file": "ood_stats.npz",
+    }
+    assert cal["temperature"] == 1.5 and cal["review"] == {"min_confidence": 0.2, "min_margin": 0.0}
+    card = json.loads((bundle / "card.json").read_text())
+    assert card["calibration"]["out_of_scope"]["method"] == "knn"
+    assert card["calibration"]["out_of_scope"]["threshold"] == threshold
+    # The bundle alone scores out-of-scope: the graph's embedding output against the shipped kNN bank.
+    p = Predictor.load(bundle)
+    inside, outside = p.predict(["my card was stolen", "what is the weather like in paris tomorrow"])
+    assert (inside["out_of_scope"], inside["reason"]) == (False, None)
+    assert (outside["out_of_scope"], outside["reason"]) == (True, "out_of_distribution")

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+import pandas as pd
 import pytest
 
 from support import ROOT
@@ -33,7 +35,12 @@ def write_tiny_bundle(dest: Path, version: str, confident: bool) -> None:
 
     featurizer = TokenFeaturizer(max_length=32)
     net_kwargs = {"vocab_size": featurizer.net_kwargs()["vocab_size"], "n_classes": len(LABELS)}
-    net_config = {"_target_": "intentops.models.bilstm.BiLSTMClassifier", "embed_dim": 8, "hidden": 8, "dropout": 0.0}
+    net_config = {
+        "_target_": "intentops.models.bilstm.BiLSTMClassifier",
+        "embed_dim": 8,
+        "hidden": 8,
+        "dropout": 0.0,
+    }
     torch.manual_seed(0)
     net = BiLSTMClassifier(**net_kwargs, **{k: v for k, v in net_config.items() if k != "_target_"})
     with torch.no_grad():
@@ -69,11 +76,21 @@ def served(tmp_path_factory):
     (work / "vocab.json").write_text(json.dumps({"min_count": 1, "tokens": ["my", "card", "lost"]}))
 
     user_config = {
-        "bundle": "production", "registry_dir": str(registry), "watch_interval_s": 0.2, "max_texts": 8,
-        "max_text_chars": 200, "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+        "bundle": "production",
+        "registry_dir": str(registry),
+        "watch_interval_s": 0.2,
+        "max_texts": 8,
+        "max_text_chars": 200,
+        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
         "store": {"record_predictions": True, "db": str(db)},
-        "monitoring": {"enabled": True, "vocab": str(work / "vocab.json"), "profiles": str(work / "profiles"),
-                       "window_max_rows": 20, "window_max_seconds": 3600, "flush_s": 0.3},
+        "monitoring": {
+            "enabled": True,
+            "vocab": str(work / "vocab.json"),
+            "profiles": str(work / "profiles"),
+            "window_max_rows": 20,
+            "window_max_seconds": 3600,
+            "flush_s": 0.3,
+        },
     }
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -81,8 +98,10 @@ def served(tmp_path_factory):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         service = import_app(ROOT).IntentService.options(
             user_config=user_config,
-            ray_actor_options={"num_cpus": 1, "runtime_env": {
-                "env_vars": {"INTENTOPS_API_KEY": KEY, "INTENTOPS_ROOT": str(ROOT)}}},
+            ray_actor_options={
+                "num_cpus": 1,
+                "runtime_env": {"env_vars": {"INTENTOPS_API_KEY": KEY, "INTENTOPS_ROOT": str(ROOT)}},
+            },
             logging_config={"encoding": "JSON", "enable_access_log": False},
         )
         serve.run(service.bind(), name="intentops", route_prefix="/")
@@ -108,10 +127,19 @@ def test_predict_one_text_and_a_list(client):
     body = r.json()
     assert body["model_version"] == "v1" and body["request_id"]
     (p,) = body["predictions"]
-    assert p["intent"] == "card_arrival" and p["needs_review"] is False and p["review_reason"] is None
+    assert p["intent"] == "card_arrival" and p["out_of_scope"] is False and p["reason"] is None
+    assert p["needs_review"] is False
     assert len(p["top_k"]) == 3 and p["top_k"][0]["confidence"] == p["confidence"] > 0.9
-    assert set(p) == {"prediction_id", "intent", "confidence", "top_k", "needs_review", "review_reason",
-                      "model_version"}
+    assert set(p) == {
+        "prediction_id",
+        "intent",
+        "confidence",
+        "top_k",
+        "out_of_scope",
+        "reason",
+        "needs_review",
+        "model_version",
+    }
     r = predict(client, {"texts": ["lost my card", "exchange rate?", "pin blocked"]})
     preds = r.json()["predictions"]
     assert r.status_code == 200 and len(preds) == 3 and len({p["prediction_id"] for p in preds}) == 3
@@ -130,7 +158,9 @@ def test_health_ready_model_card_and_docs(client):
 def test_concurrent_requests_are_batched(served):
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=served[0], timeout=30, headers=AUTH) as c:
-            return await asyncio.gather(*(c.post("/v1/predict", json={"text": f"card number {i}"}) for i in range(24)))
+            return await asyncio.gather(
+                *(c.post("/v1/predict", json={"text": f"card number {i}"}) for i in range(24))
+            )
 
     responses = asyncio.run(burst())
     assert [r.status_code for r in responses] == [200] * 24
@@ -153,7 +183,13 @@ def replica_log_records() -> list[dict]:
 
 BAD_REQUESTS = [
     ("empty body", "POST", "/v1/predict", {"content": b""}, 422),
-    ("invalid json", "POST", "/v1/predict", {"content": b"{not json", "headers": {**AUTH, "content-type": "application/json"}}, 422),
+    (
+        "invalid json",
+        "POST",
+        "/v1/predict",
+        {"content": b"{not json", "headers": {**AUTH, "content-type": "application/json"}},
+        422,
+    ),
     ("wrong type", "POST", "/v1/predict", {"json": {"text": 42}}, 422),
     ("texts not a list", "POST", "/v1/predict", {"json": {"texts": "hello"}}, 422),
     ("both text and texts", "POST", "/v1/predict", {"json": {"text": "a", "texts": ["b"]}}, 422),
@@ -166,8 +202,20 @@ BAD_REQUESTS = [
     ("missing key", "POST", "/v1/predict", {"json": {"text": "hi"}, "headers": {}}, 401),
     ("wrong key", "POST", "/v1/predict", {"json": {"text": "hi"}, "headers": {"X-API-Key": "nope"}}, 401),
     ("wrong bearer", "GET", "/v1/model", {"headers": {"Authorization": "Bearer nope"}}, 401),
-    ("unknown prediction id", "POST", "/v1/feedback", {"json": {"prediction_id": "nope", "label": "card_arrival"}}, 404),
-    ("label not in taxonomy", "POST", "/v1/feedback", {"json": {"prediction_id": "x", "label": "pizza"}}, 422),
+    (
+        "unknown prediction id",
+        "POST",
+        "/v1/feedback",
+        {"json": {"prediction_id": "nope", "label": "card_arrival"}},
+        404,
+    ),
+    (
+        "label not in taxonomy",
+        "POST",
+        "/v1/feedback",
+        {"json": {"prediction_id": "x", "label": "pizza"}},
+        422,
+    ),
     ("feedback without label", "POST", "/v1/feedback", {"json": {"prediction_id": "x"}}, 422),
     ("wrong method", "GET", "/v1/predict", {}, 405),
     ("unknown route", "GET", "/v1/nothing", {}, 404),
@@ -179,7 +227,11 @@ def test_bad_requests_get_a_4xx_and_the_server_stays_healthy(client):
         kwargs = {"headers": AUTH, **kwargs}
         r = client.request(method, path, **kwargs)
         assert r.status_code == status, (name, r.status_code, r.text)
-        if r.headers.get("content-type") == "application/json" and status in (401, 404, 413, 422) and path != "/v1/nothing":
+        if (
+            r.headers.get("content-type") == "application/json"
+            and status in (401, 404, 413, 422)
+            and path != "/v1/nothing"
+        ):
             assert r.json().get("error") and r.json().get("fix"), (name, r.text)
         assert client.get("/healthz").status_code == 200, name
         assert predict(client, {"text": "still fine?"}).status_code == 200, name
@@ -198,7 +250,12 @@ def test_feedback_is_stored_once_per_feedback_id(client, served):
     from intentops.feedback import store
 
     pid = predict(client, {"text": "card please"}).json()["predictions"][0]["prediction_id"]
-    body = {"prediction_id": pid, "label": "lost_or_stolen_card", "annotator": "agent-7", "feedback_id": "fb-1"}
+    body = {
+        "prediction_id": pid,
+        "label": "lost_or_stolen_card",
+        "annotator": "agent-7",
+        "feedback_id": "fb-1",
+    }
     first = client.post("/v1/feedback", json=body, headers=AUTH)
     again = client.post("/v1/feedback", json=body, headers=AUTH)
     assert (first.status_code, first.json()["stored"]) == (201, True)
@@ -241,12 +298,12 @@ def test_hot_swap_under_traffic_fails_nothing(served):
     assert [s for s, _ in results if s != 200] == []
     versions = [v for _, v in results]
     assert versions[0] == "v1" and versions[-1] == "v2", versions
-    assert "v1" not in versions[versions.index("v2"):]  # once swapped, never back
+    assert "v1" not in versions[versions.index("v2") :]  # once swapped, never back
 
     # v2 is unsure of everything: its predictions need review, and their texts reach the queue.
     with httpx.Client(base_url=base, timeout=30, headers=AUTH) as c:
         p = c.post("/v1/predict", json={"text": "review me please"}).json()["predictions"][0]
-        assert p["needs_review"] is True and p["review_reason"] == "low_confidence"
+        assert p["needs_review"] is p["out_of_scope"] is True and p["reason"] == "low_confidence"
         assert c.get("/v1/model").json()["version"] == "v2"
     from intentops.feedback import store
 
@@ -254,6 +311,7 @@ def test_hot_swap_under_traffic_fails_nothing(served):
     queued = {i["prediction_id"]: i for i in store.queue_items(engine)}
     engine.dispose()
     assert queued[p["prediction_id"]]["text"] == "review me please"
+    assert queued[p["prediction_id"]]["reason"] == "low_confidence"
     assert all(i["model_version"] == "v2" for i in queued.values())
 
 
@@ -266,3 +324,94 @@ def test_profiles_hold_features_never_text(served):
         windows = sorted((served[1] / "profiles").glob("window-*.bin"))
     assert windows
     assert all(b"where is my card" not in w.read_bytes() for w in windows)
+
+
+@pytest.fixture(scope="module")
+def oos_app(served, tmp_path_factory):
+    """(url prefix, queue db) of a second app on the same Serve instance: the tiny trained and exported model
+    (test_export's project), its bundle calibrated for energy-based out-of-scope detection."""
+    from ray import serve
+
+    from integration.test_export import exported_project
+    from intentops.io import write_json
+    from intentops.ood import choose_threshold, energy_score
+    from intentops.predictor import Predictor
+    from intentops.serve_api import import_app
+
+    root = tmp_path_factory.mktemp("oos") / "repo"
+    cfg = exported_project(tmp_path_factory, root)
+    bundle = root / cfg.paths.bundle_dir
+    # What `calibrate` does for a dataset without out-of-scope rows: keep 95 % of the in-scope validation
+    # rows (target_without_oos: coverage), flag what scores beyond them.
+    val = pd.read_parquet(root / cfg.paths.val)["text"].tolist()
+    scores = energy_score(Predictor.load(bundle).logits(val))
+    threshold = choose_threshold(
+        scores, np.zeros(len(val), bool), np.ones(len(val), bool), True, {"coverage": 0.95}
+    )
+    write_json(
+        bundle / "calibration.json",
+        {
+            "temperature": 1.0,
+            "ood": {"method": "energy", "threshold": threshold, "higher_is_ood": True},
+            "review": {"min_confidence": 0.0, "min_margin": 0.0},
+            "oos_label": "oos",
+        },
+    )
+    user_config = {
+        "bundle": str(bundle),
+        "watch_interval_s": 0,
+        "store": {"record_predictions": True, "db": str(served[1] / "queue.db")},
+        "monitoring": {"enabled": False},
+    }
+    service = import_app(ROOT).IntentService.options(
+        name="IntentServiceOOS",
+        user_config=user_config,
+        ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {"INTENTOPS_ROOT": str(ROOT)}}},
+        logging_config={"encoding": "JSON", "enable_access_log": False},
+    )
+    serve.run(service.bind(), name="oos", route_prefix="/oos")
+    try:
+        yield f"{served[0]}/oos", served[1] / "queue.db"
+    finally:
+        serve.delete("oos")
+
+
+def test_out_of_scope_queries_are_flagged_with_a_reason_and_queued(oos_app):
+    """An in-scope message is routed; a clearly out-of-domain one comes back out_of_scope and goes to the queue."""
+    from intentops.feedback import store
+
+    url, db = oos_app
+    with httpx.Client(base_url=url, timeout=60) as c:
+        card = c.get("/v1/model").json()
+        r = c.post(
+            "/v1/predict",
+            json={"texts": ["my card was stolen", "what is the weather like in paris tomorrow"]},
+        )
+    assert r.status_code == 200, r.text
+    assert card["thresholds"]["out_of_scope"]["method"] == "energy"
+    inside, outside = r.json()["predictions"]
+    assert (inside["intent"], inside["out_of_scope"], inside["reason"]) == (
+        "lost_or_stolen_card",
+        False,
+        None,
+    )
+    assert (outside["out_of_scope"], outside["reason"], outside["needs_review"]) == (
+        True,
+        "out_of_distribution",
+        True,
+    )
+    engine = store.make_engine(f"sqlite:///{db}")
+    queued = {i["prediction_id"]: i for i in store.queue_items(engine)}
+    recorded = {r["prediction_id"]: r for r in store.table_rows(engine, store.predictions)}
+    engine.dispose()
+    assert (
+        inside["prediction_id"] not in queued and recorded[inside["prediction_id"]]["needs_review"] is False
+    )
+    item = queued[outside["prediction_id"]]
+    assert (item["text"], item["reason"]) == (
+        "what is the weather like in paris tomorrow",
+        "out_of_distribution",
+    )
+    assert (
+        item["suggested_intent"] == outside["intent"] and recorded[outside["prediction_id"]]["needs_review"]
+    )

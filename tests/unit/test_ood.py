@@ -96,7 +96,9 @@ def test_detection_metrics_agree_with_sklearn():
     flipped = detection_metrics(-scores, positive, higher_is_positive=False)
     assert flipped == pytest.approx(m)
     points = roc_points(scores, positive, True, n=50)
-    assert len(points) <= 50 and points[0] == {"fpr": 0.0, "tpr": 0.0} and points[-1] == {"fpr": 1.0, "tpr": 1.0}
+    assert (
+        len(points) <= 50 and points[0] == {"fpr": 0.0, "tpr": 0.0} and points[-1] == {"fpr": 1.0, "tpr": 1.0}
+    )
 
 
 def test_risk_coverage_curve():
@@ -122,18 +124,26 @@ def test_embedding_scores_flag_far_points():
 
 
 def calibration(method="msp", threshold=0.3, higher_is_ood=False, t=1.0):
-    return {"temperature": t, "ood": {"method": method, "threshold": threshold, "higher_is_ood": higher_is_ood},
-            "review": {"min_confidence": 0.5, "min_margin": 0.2}, "oos_label": "oos"}
+    return {
+        "temperature": t,
+        "ood": {"method": method, "threshold": threshold, "higher_is_ood": higher_is_ood},
+        "review": {"min_confidence": 0.5, "min_margin": 0.2},
+        "oos_label": "oos",
+    }
 
 
 def test_postprocess_reasons_and_flags():
-    logits = np.log(np.array([
-        [0.90, 0.05, 0.05],   # confident: no reason
-        [0.45, 0.40, 0.15],   # top-1 < 0.5: low_confidence (also ambiguous; low_confidence wins)
-        [0.55, 0.40, 0.05],   # margin 0.15 < 0.2: ambiguous
-        [0.30, 0.30, 0.40],   # msp 0.40 <= 0.42: out_of_distribution wins over low_confidence
-        [0.20, 0.20, 0.60],
-    ]))
+    logits = np.log(
+        np.array(
+            [
+                [0.90, 0.05, 0.05],  # confident: no reason
+                [0.45, 0.40, 0.15],  # top-1 < 0.5: low_confidence (also ambiguous; low_confidence wins)
+                [0.55, 0.40, 0.05],  # margin 0.15 < 0.2: ambiguous
+                [0.30, 0.30, 0.40],  # msp 0.40 <= 0.42: out_of_distribution wins over low_confidence
+                [0.20, 0.20, 0.60],
+            ]
+        )
+    )
     out = postprocess(logits, calibration(threshold=0.42))
     assert out["reason"].tolist() == [None, "low_confidence", "ambiguous", "out_of_distribution", None]
     assert out["out_of_scope"].tolist() == [False, False, False, True, False]
