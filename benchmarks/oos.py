@@ -1,9 +1,10 @@
 """Out-of-scope benchmarks through the real pipeline; prints ONE JSON line.
 
-    python benchmarks/oos.py [--mirror DIR] [--workdir DIR] [-S calibrate.method=energy ...]
+    python benchmarks/oos.py [--mirror DIR] [--workdir DIR] [--experiment NAME|none] [-S calibrate.method=energy ...]
     python benchmarks/oos.py --proxy banking77 [--holdout 10] [--seed 42] [--workdir DIR] [--data-from .]
 
-Default: CLINC150 (data=clinc150) in a copy of the project (the main workspace's outputs are never touched),
+Default: CLINC150 (+experiment=clinc150_oos: data=clinc150, out-of-scope trained as a class; `--experiment none`
+for plain data=clinc150) in a copy of the project (the main workspace's outputs are never touched),
 `dvc repro` through `calibrate`, then the test numbers from reports/calibrate/metrics.json: in-scope accuracy
 on the 4,500 in-scope test utterances (flagged-as-OOS counts as wrong), recall on the 1,000 oos_test ones,
 AUROC and FPR at 95 % OOS recall.
@@ -117,12 +118,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--data-from", help="--proxy: copy data/{processed,embeddings,interim} from this Banking77 "
                         "project instead of running ingest..embed")
+    parser.add_argument("--experiment", default="clinc150_oos",
+                        help="CLINC150: conf/experiment/NAME.yaml applied on top of data=clinc150 ('none': nothing)")
     parser.add_argument("-S", dest="overrides", action="append", default=[], help="extra Hydra override")
     args = parser.parse_args()
     bin_dir = str(Path(sys.executable).parent)
     env = dict(os.environ, INTENTOPS_DATA_MIRROR=str(Path(args.mirror).resolve()),
                PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), WANDB_MODE="disabled")
     data = ["data=banking77"] if args.proxy else ["data=clinc150"]
+    if not args.proxy and args.experiment != "none":
+        data.append(f"+experiment={args.experiment}")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="intentops-oos-") as tmp:
         work = Path(args.workdir).resolve() if args.workdir else Path(tmp) / "project"
@@ -133,7 +138,7 @@ def main() -> None:
         else:
             for stage in PREP:
                 sh(work, env, "dvc", "repro", "-s", stage)
-        extra = {"dataset": "clinc150"}
+        extra = {"dataset": "clinc150", "experiment": None if args.experiment == "none" else args.experiment}
         if args.proxy:
             held = hold_out_intents(work, args.holdout, args.seed)
             # Same stage code, pointed by a second params file at the proxy data and outputs.

@@ -83,7 +83,7 @@ def split_metrics(out: dict, y: np.ndarray, is_oos: np.ndarray, higher_is_ood: b
 def run_calibrate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.ndarray, test_y: np.ndarray,
                   cfg: dict, oos_label: str | None, val_emb: np.ndarray | None = None,
                   test_emb: np.ndarray | None = None, train_emb: np.ndarray | None = None,
-                  train_y: np.ndarray | None = None) -> dict:
+                  train_y: np.ndarray | None = None, oos_index: int | None = None) -> dict:
     """Fit temperature, OOS threshold and review thresholds on val; measure them on val and test.
 
     Args:
@@ -91,6 +91,9 @@ def run_calibrate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.nda
         val_y, test_y: (n,) label ids, −1 for out-of-scope rows.
         cfg: the `calibrate` params as a plain dict.
         *_emb: L2-normalised sentence embeddings, needed only by "mahalanobis" and "knn".
+        oos_index: the logit column of a trained out-of-scope class (split.oos_as_class), else None. Its rows
+            carry y == -1 like any out-of-scope row; a top-1 on it flags the row, and the threshold is chosen
+            for the rows it leaves (see `ood.postprocess`).
 
     Returns:
         {"calibration" (json-able, without arrays), "stats" (arrays for the .npz), "metrics", "plots"}
@@ -105,17 +108,20 @@ def run_calibrate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.nda
 
     stats = fit_ood_stats(method, train_emb, train_y, cfg) if method in EMBEDDING_METHODS else {}
     ood = {"method": method, "higher_is_ood": HIGHER_IS_OOD[method], "k": int(cfg.get("k", 10)), "stats": stats}
-    val_scores = ood_scores(val_logits, ood, temperature, val_emb)
-    val_correct = (softmax(val_logits, temperature).argmax(axis=1) == val_y) & ~val_oos
+    val_in_scope = val_logits if oos_index is None else np.delete(val_logits, oos_index, axis=1)
+    val_scores = ood_scores(val_in_scope, ood, temperature, val_emb)
+    val_pred = softmax(val_logits, temperature).argmax(axis=1)
+    val_correct = (val_pred == val_y) & ~val_oos
+    val_flagged = val_pred == oos_index if oos_index is not None else None
     # Out-of-scope rows in val: meet the recall target; none (Banking77): meet the in-scope target instead.
     target = dict(cfg["target"] if val_oos.any() else cfg["target_without_oos"])
-    threshold = choose_threshold(val_scores, val_oos, val_correct, ood["higher_is_ood"], target)
+    threshold = choose_threshold(val_scores, val_oos, val_correct, ood["higher_is_ood"], target, val_flagged)
     ood.update(threshold=threshold, target=target)
 
     calibration = {"temperature": temperature, "ood": ood,
                    "review": {"min_confidence": float(cfg["review"]["min_confidence"]),
                               "min_margin": float(cfg["review"]["min_margin"])},
-                   "oos_label": oos_label}
+                   "oos_label": oos_label, "oos_index": oos_index}
     metrics, plots = {"temperature": temperature, "method": method, "threshold": threshold}, {}
     for split, logits, y, oos, emb in (("val", val_logits, val_y, val_oos, val_emb),
                                        ("test", test_logits, test_y, test_oos, test_emb)):
@@ -140,9 +146,10 @@ def run_calibrate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.nda
     return {"calibration": calibration, "stats": stats, "metrics": metrics, "plots": plots}
 
 
-def encode_with_oos(frame: pd.DataFrame, labels: list[str]) -> np.ndarray:
-    """Label ids (n,) in `labels` order, −1 for rows whose label the model does not know (out-of-scope)."""
-    index = {name: i for i, name in enumerate(labels)}
+def encode_with_oos(frame: pd.DataFrame, labels: list[str], oos_label: str | None = None) -> np.ndarray:
+    """Label ids (n,) in `labels` order, −1 for out-of-scope rows: labels the model does not know, and
+    `oos_label` even where the model was trained on it as a class (split.oos_as_class)."""
+    index = {name: i for i, name in enumerate(labels) if name != oos_label}
     return frame["label"].map(index).fillna(-1).to_numpy(np.int64)
 
 
@@ -163,7 +170,9 @@ def main() -> None:
         if len(emb[s]) != len(frames[s]):
             raise UserError(f"{s} embeddings ({len(emb[s])} rows) do not match {paths[s]} ({len(frames[s])})",
                             where=f"{paths.embeddings_dir}/{s}.npy", fix="re-run `dvc repro embed`")
-    ys = {s: encode_with_oos(frames[s], predictor.labels) for s in SPLITS}
+    ys = {s: encode_with_oos(frames[s], predictor.labels, oos_label) for s in SPLITS}
+    # CLINC150 with split.oos_as_class: the model has an out-of-scope class of its own.
+    oos_index = predictor.labels.index(oos_label) if oos_label in predictor.labels else None
     unknown = frames["val"]["label"][(ys["val"] < 0) & (frames["val"]["label"] != oos_label)]
     if len(unknown):
         log.warning("calibrate: %d val rows have labels the model does not know (e.g. %r); treated as out-of-scope",
@@ -171,7 +180,7 @@ def main() -> None:
     logits = {s: predictor_logits(predictor, frames[s]["text"].tolist(), emb[s]) for s in ("val", "test")}
     train_known = ys["train"] >= 0
     result = run_calibrate(logits["val"], ys["val"], logits["test"], ys["test"], cfg, oos_label,
-                           emb["val"], emb["test"], emb["train"][train_known], ys["train"][train_known])
+                           emb["val"], emb["test"], emb["train"][train_known], ys["train"][train_known], oos_index)
 
     result["calibration"]["ood"]["stats_file"] = paths.calibration_stats.rsplit("/", 1)[-1]
     with atomic_path(paths.calibration_stats) as tmp:
