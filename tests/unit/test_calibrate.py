@@ -10,9 +10,16 @@ import pytest
 from intentops.calibrate import encode_with_oos, run_calibrate
 from intentops.ood import postprocess
 
-CFG = {"method": "energy", "fit_temperature": True, "target": {"oos_recall": 0.6},
-       "target_without_oos": {"in_scope_precision": 0.9}, "review": {"min_confidence": 0.5, "min_margin": 0.1},
-       "k": 5, "shrinkage": 0.1, "ece_bins": 15}
+CFG = {
+    "method": "energy",
+    "fit_temperature": True,
+    "target": {"oos_recall": 0.6},
+    "target_without_oos": {"in_scope_precision": 0.9},
+    "review": {"min_confidence": 0.5, "min_margin": 0.1},
+    "k": 5,
+    "shrinkage": 0.1,
+    "ece_bins": 15,
+}
 
 
 def synthetic(n_in: int, n_oos: int, k: int = 5, scale: float = 6.0, seed: int = 0):
@@ -108,5 +115,11 @@ def test_config_has_a_valid_calibrate_node():
     assert cfg.calibrate.method in METHODS
     for key in ("target", "target_without_oos"):
         assert len(cfg.calibrate[key]) == 1 and next(iter(cfg.calibrate[key])) in TARGETS
-    for key in ("calibration", "calibration_stats", "calibrate_metrics", "calibrate_roc", "calibrate_risk_coverage"):
+    for key in (
+        "calibration",
+        "calibration_stats",
+        "calibrate_metrics",
+        "calibrate_roc",
+        "calibrate_risk_coverage",
+    ):
         assert key in cfg.paths
