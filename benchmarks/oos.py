@@ -1,9 +1,10 @@
 """Out-of-scope benchmarks through the real pipeline; prints ONE JSON line.
 
-    python benchmarks/oos.py [--mirror DIR] [--workdir DIR] [-S calibrate.method=energy ...]
+    python benchmarks/oos.py [--mirror DIR] [--workdir DIR] [--experiment NAME|none] [-S calibrate.method=energy ...]
     python benchmarks/oos.py --proxy banking77 [--holdout 10] [--seed 42] [--workdir DIR] [--data-from .]
 
-Default: CLINC150 (data=clinc150) in a copy of the project (the main workspace's outputs are never touched),
+Default: CLINC150 (+experiment=clinc150_oos: data=clinc150, out-of-scope trained as a class; `--experiment none`
+for plain data=clinc150) in a copy of the project (the main workspace's outputs are never touched),
 `dvc repro` through `calibrate`, then the test numbers from reports/calibrate/metrics.json: in-scope accuracy
 on the 4,500 in-scope test utterances (flagged-as-OOS counts as wrong), recall on the 1,000 oos_test ones,
 AUROC and FPR at 95 % OOS recall.
@@ -62,12 +63,20 @@ def sh(cwd: Path, env: dict, *cmd: str) -> None:
         sys.exit(f"{' '.join(cmd)} failed in {cwd}:\n{proc.stderr[-3000:]}")
 
 
-PROXY_PATHS = {"train": "data/proxy/train.parquet", "val": "data/proxy/val.parquet", "test": "data/proxy/test.parquet",
-               "taxonomy": "data/proxy/taxonomy.json", "embeddings_dir": "data/proxy/embeddings",
-               "model_dir": "models/proxy/train", "train_metrics": "reports/proxy/train.json",
-               "calibration": "models/proxy/calibration.json", "calibration_stats": "models/proxy/calibration_ood.npz",
-               "calibrate_metrics": "reports/proxy/calibrate.json", "calibrate_roc": "reports/proxy/roc.csv",
-               "calibrate_risk_coverage": "reports/proxy/risk_coverage.csv"}
+PROXY_PATHS = {
+    "train": "data/proxy/train.parquet",
+    "val": "data/proxy/val.parquet",
+    "test": "data/proxy/test.parquet",
+    "taxonomy": "data/proxy/taxonomy.json",
+    "embeddings_dir": "data/proxy/embeddings",
+    "model_dir": "models/proxy/train",
+    "train_metrics": "reports/proxy/train.json",
+    "calibration": "models/proxy/calibration.json",
+    "calibration_stats": "models/proxy/calibration_ood.npz",
+    "calibrate_metrics": "reports/proxy/calibrate.json",
+    "calibrate_roc": "reports/proxy/roc.csv",
+    "calibrate_risk_coverage": "reports/proxy/risk_coverage.csv",
+}
 
 
 def hold_out_intents(work: Path, k: int, seed: int, oos_label: str = "oos") -> list[str]:
@@ -75,11 +84,18 @@ def hold_out_intents(work: Path, k: int, seed: int, oos_label: str = "oos") -> l
     relabelled `oos_label` in val/test. The pipeline's own outputs stay as DVC wrote them."""
     import pandas as pd
 
-    src = {name: work / path for name, path in (("train", "data/processed/train.parquet"),
-                                                ("val", "data/processed/val.parquet"),
-                                                ("test", "data/processed/test.parquet"))}
+    src = {
+        name: work / path
+        for name, path in (
+            ("train", "data/processed/train.parquet"),
+            ("val", "data/processed/val.parquet"),
+            ("test", "data/processed/test.parquet"),
+        )
+    }
     taxonomy = json.loads((work / "data/interim/taxonomy.json").read_text())
-    held = sorted(np.random.default_rng(seed).choice(sorted(taxonomy["labels"]), size=k, replace=False).tolist())
+    held = sorted(
+        np.random.default_rng(seed).choice(sorted(taxonomy["labels"]), size=k, replace=False).tolist()
+    )
     out_emb = work / PROXY_PATHS["embeddings_dir"]
     out_emb.mkdir(parents=True, exist_ok=True)
     for split, path in src.items():
@@ -92,7 +108,11 @@ def hold_out_intents(work: Path, k: int, seed: int, oos_label: str = "oos") -> l
             frame.loc[mask, "label"] = oos_label
         frame.to_parquet(work / PROXY_PATHS[split], index=False)
         np.save(out_emb / f"{split}.npy", emb)
-    taxonomy = {**taxonomy, "labels": [x for x in taxonomy["labels"] if x not in held], "oos_label": oos_label}
+    taxonomy = {
+        **taxonomy,
+        "labels": [x for x in taxonomy["labels"] if x not in held],
+        "oos_label": oos_label,
+    }
     (work / PROXY_PATHS["taxonomy"]).write_text(json.dumps(taxonomy, indent=2) + "\n")
     return held
 
@@ -100,29 +120,55 @@ def hold_out_intents(work: Path, k: int, seed: int, oos_label: str = "oos") -> l
 def summarise(work: Path, extra: dict) -> dict:
     m = json.loads((work / extra.pop("metrics_file", "reports/calibrate/metrics.json")).read_text())
     test = m["test"]
-    return {**extra, "method": m["method"], "threshold": round(m["threshold"], 4), "temperature": round(m["temperature"], 4),
-            "in_scope_accuracy": round(test["in_scope_accuracy"], 4), "accuracy_no_rejection": round(test["accuracy"], 4),
-            "oos_recall": round(test.get("oos_recall", float("nan")), 4), "auroc": round(test.get("oos_auroc", float("nan")), 4),
-            "fpr_at_95_tpr": round(test.get("oos_fpr_at_95_tpr", float("nan")), 4),
-            "ece_before": round(test["ece_before"], 4), "ece_after": round(test["ece_after"], 4),
-            "n_in_scope": test["n_in_scope"], "n_oos": test["n_oos"]}
+    return {
+        **extra,
+        "method": m["method"],
+        "threshold": round(m["threshold"], 4),
+        "temperature": round(m["temperature"], 4),
+        "in_scope_accuracy": round(test["in_scope_accuracy"], 4),
+        "accuracy_no_rejection": round(test["accuracy"], 4),
+        "oos_recall": round(test.get("oos_recall", float("nan")), 4),
+        "auroc": round(test.get("oos_auroc", float("nan")), 4),
+        "fpr_at_95_tpr": round(test.get("oos_fpr_at_95_tpr", float("nan")), 4),
+        "ece_before": round(test["ece_before"], 4),
+        "ece_after": round(test["ece_after"], 4),
+        "n_in_scope": test["n_in_scope"],
+        "n_oos": test["n_oos"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mirror", default=os.environ.get("INTENTOPS_DATA_MIRROR") or str(ROOT / ".." / "shared" / "datasets"))
+    parser.add_argument(
+        "--mirror",
+        default=os.environ.get("INTENTOPS_DATA_MIRROR") or str(ROOT / ".." / "shared" / "datasets"),
+    )
     parser.add_argument("--workdir", help="keep the project copy here (reused on the next run)")
     parser.add_argument("--proxy", choices=["banking77"], help="held-out-intent proxy instead of CLINC150")
     parser.add_argument("--holdout", type=int, default=10, help="intents held out as pseudo-OOS (--proxy)")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--data-from", help="--proxy: copy data/{processed,embeddings,interim} from this Banking77 "
-                        "project instead of running ingest..embed")
+    parser.add_argument(
+        "--data-from",
+        help="--proxy: copy data/{processed,embeddings,interim} from this Banking77 "
+        "project instead of running ingest..embed",
+    )
+    parser.add_argument(
+        "--experiment",
+        default="clinc150_oos",
+        help="CLINC150: conf/experiment/NAME.yaml applied on top of data=clinc150 ('none': nothing)",
+    )
     parser.add_argument("-S", dest="overrides", action="append", default=[], help="extra Hydra override")
     args = parser.parse_args()
     bin_dir = str(Path(sys.executable).parent)
-    env = dict(os.environ, INTENTOPS_DATA_MIRROR=str(Path(args.mirror).resolve()),
-               PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), WANDB_MODE="disabled")
+    env = dict(
+        os.environ,
+        INTENTOPS_DATA_MIRROR=str(Path(args.mirror).resolve()),
+        PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        WANDB_MODE="disabled",
+    )
     data = ["data=banking77"] if args.proxy else ["data=clinc150"]
+    if not args.proxy and args.experiment != "none":
+        data.append(f"+experiment={args.experiment}")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="intentops-oos-") as tmp:
         work = Path(args.workdir).resolve() if args.workdir else Path(tmp) / "project"
@@ -133,18 +179,34 @@ def main() -> None:
         else:
             for stage in PREP:
                 sh(work, env, "dvc", "repro", "-s", stage)
-        extra = {"dataset": "clinc150"}
+        extra = {"dataset": "clinc150", "experiment": None if args.experiment == "none" else args.experiment}
         if args.proxy:
             held = hold_out_intents(work, args.holdout, args.seed)
             # Same stage code, pointed by a second params file at the proxy data and outputs.
-            overrides = [*data, f"seed={args.seed}", "logger=none", *args.overrides,
-                         *(f"paths.{k}={v}" for k, v in PROXY_PATHS.items())]
-            sh(work, env, sys.executable, "-c", "import sys; from intentops.config import write_params; "
-               "write_params('params_proxy.yaml', sys.argv[1:])", *overrides)
+            overrides = [
+                *data,
+                f"seed={args.seed}",
+                "logger=none",
+                *args.overrides,
+                *(f"paths.{k}={v}" for k, v in PROXY_PATHS.items()),
+            ]
+            sh(
+                work,
+                env,
+                sys.executable,
+                "-c",
+                "import sys; from intentops.config import write_params; "
+                "write_params('params_proxy.yaml', sys.argv[1:])",
+                *overrides,
+            )
             penv = dict(env, INTENTOPS_PARAMS="params_proxy.yaml")
             for module in ("train", "calibrate"):
                 sh(work, penv, sys.executable, "-m", f"intentops.{module}")
-            extra = {"dataset": "banking77-proxy", "held_out": held, "metrics_file": PROXY_PATHS["calibrate_metrics"]}
+            extra = {
+                "dataset": "banking77-proxy",
+                "held_out": held,
+                "metrics_file": PROXY_PATHS["calibrate_metrics"],
+            }
         else:
             for stage in ("train", "calibrate"):
                 sh(work, env, "dvc", "repro", "-s", stage)

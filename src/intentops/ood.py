@@ -127,7 +127,12 @@ def is_ood(scores: np.ndarray, threshold: float, higher_is_ood: bool) -> np.ndar
 
 # --- threshold selection -----------------------------------------------------------------------------------
 def choose_threshold(
-    scores: np.ndarray, is_oos: np.ndarray, correct: np.ndarray, higher_is_ood: bool, target: dict[str, float]
+    scores: np.ndarray,
+    is_oos: np.ndarray,
+    correct: np.ndarray,
+    higher_is_ood: bool,
+    target: dict[str, float],
+    flagged: np.ndarray | None = None,
 ) -> float:
     """The least aggressive threshold that meets a single target on validation rows.
 
@@ -138,6 +143,8 @@ def choose_threshold(
         target: one of {"oos_recall": r} (flag at least r of the out-of-scope rows),
             {"in_scope_precision": p} (accepted rows are right at least p of the time, keeping the most),
             {"coverage": c} (accept at least c of the in-scope rows).
+        flagged: (n,) bool, rows flagged out-of-scope whatever their score (top-1 is a trained out-of-scope
+            class); they count towards an oos_recall target, so the score only has to catch the rest.
 
     Returns:
         The threshold; a row is out-of-scope when `is_ood(score, threshold, higher_is_ood)`.
@@ -149,11 +156,14 @@ def choose_threshold(
     s = np.asarray(scores, dtype=np.float64) * (1 if higher_is_ood else -1)
     sign = 1 if higher_is_ood else -1
     if name == "oos_recall":
-        oos = np.sort(s[is_oos])[::-1]
-        if not len(oos):
+        if not is_oos.any():
             raise ValueError("target oos_recall needs out-of-scope rows in the validation data")
-        need = max(1, math.ceil(value * len(oos) - 1e-9))
-        return float(sign * oos[min(need, len(oos)) - 1])
+        pre = np.zeros(len(s), dtype=bool) if flagged is None else np.asarray(flagged, dtype=bool)
+        oos = np.sort(s[is_oos & ~pre])[::-1]
+        need = math.ceil(value * int(is_oos.sum()) - 1e-9) - int((is_oos & pre).sum())
+        if need <= 0:  # the flagged rows alone meet the target: the score flags nothing more
+            return float(sign * np.nextafter(s.max(), np.inf))
+        return float(sign * oos[need - 1])
     if name == "coverage":
         ins = np.sort(s[~is_oos])
         keep = min(len(ins), math.ceil(value * len(ins) - 1e-9))
@@ -226,7 +236,9 @@ def postprocess(
     Args:
         logits: (n, k) raw model outputs, columns in the bundle's label order.
         calibration: `load_calibration(...)`: {"temperature", "ood": {"method", "threshold", "higher_is_ood",
-            ["stats"]}, "review": {"min_confidence", "min_margin"}, "oos_label"}.
+            ["stats"]}, "review": {"min_confidence", "min_margin"}, "oos_label", ["oos_index"]}. `oos_index`
+            is the column of a trained out-of-scope class (CLINC150 with split.oos_as_class): a row whose
+            top-1 is that class is out-of-scope, and the score is computed over the other (in-scope) columns.
         embeddings: (n, d) L2-normalised sentence embeddings; needed only by "mahalanobis" and "knn".
 
     Returns:
@@ -240,14 +252,19 @@ def postprocess(
     top2 = -np.sort(-proba, axis=1)[:, :2]
     confidence = top2[:, 0]
     margin = confidence - (top2[:, 1] if proba.shape[1] > 1 else 0.0)
+    pred = proba.argmax(axis=1)
+    oos_index = calibration.get("oos_index")
+    in_scope_logits = logits if oos_index is None else np.delete(logits, int(oos_index), axis=1)
     ood = calibration.get("ood") or {}
     if ood.get("method") and ood.get("threshold") is not None:
-        score = ood_scores(logits, ood, temperature, embeddings)
+        score = ood_scores(in_scope_logits, ood, temperature, embeddings)
         out_of_scope = is_ood(
             score, float(ood["threshold"]), bool(ood.get("higher_is_ood", HIGHER_IS_OOD[ood["method"]]))
         )
     else:
         score, out_of_scope = np.full(len(logits), np.nan), np.zeros(len(logits), dtype=bool)
+    if oos_index is not None:
+        out_of_scope = out_of_scope | (pred == int(oos_index))
     review = calibration.get("review") or {}
     low = confidence < float(review.get("min_confidence", 0.0))
     ambiguous = margin < float(review.get("min_margin", 0.0))
@@ -258,7 +275,7 @@ def postprocess(
     reason[out_of_scope] = "out_of_distribution"
     return {
         "proba": proba,
-        "pred": proba.argmax(axis=1),
+        "pred": pred,
         "confidence": confidence,
         "margin": margin,
         "ood_score": score,

@@ -16,9 +16,10 @@ HELD_OUT = "exchange_rate"
 TINY = [*SMALL, "model.max_epochs=15", "model.batch_size=32", "train.patience=15"]
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A project whose model never saw HELD_OUT; its val/test rows are relabelled "oos"."""
+@pytest.fixture(scope="module", params=["unseen", "oos_class"])
+def project(request, tmp_path_factory):
+    """A project whose model never saw HELD_OUT; its val/test rows are relabelled "oos". With "oos_class" its
+    train rows are relabelled "oos" too (CLINC150's oos_train with split.oos_as_class): a 'trained' oos class."""
     from omegaconf import OmegaConf
 
     from intentops import calibrate
@@ -34,14 +35,16 @@ def project(tmp_path_factory):
     for split in ("train", "val", "test"):
         frame = pd.read_parquet(root / cfg.paths[split])
         held = (frame["label"] == HELD_OUT).to_numpy()
-        if split == "train":
+        if split == "train" and request.param == "unseen":
             emb_path = root / cfg.paths.embeddings_dir / "train.npy"
             np.save(emb_path, np.load(emb_path)[~held])
             frame = frame[~held]
         else:
             frame.loc[held, "label"] = "oos"
         frame.reset_index(drop=True).to_parquet(root / cfg.paths[split], index=False)
-    write_json(root / cfg.paths.taxonomy, {"labels": [x for x in TEMPLATES if x != HELD_OUT], "oos_label": "oos"})
+    write_json(
+        root / cfg.paths.taxonomy, {"labels": [x for x in TEMPLATES if x != HELD_OUT], "oos_label": "oos"}
+    )
     train_from_config(cfg, root / cfg.paths.model_dir, root / "work", root=root)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
@@ -59,11 +62,15 @@ def test_calibration_file_and_postprocess_contract(project):
     cal = json.loads((root / cfg.paths.calibration).read_text())
     assert cal["oos_label"] == "oos" and cal["temperature"] > 0
     assert cal["ood"]["method"] == cfg.calibrate.method and isinstance(cal["ood"]["higher_is_ood"], bool)
-    assert cal["review"] == {"min_confidence": cfg.calibrate.review.min_confidence,
-                             "min_margin": cfg.calibrate.review.min_margin}
+    assert cal["review"] == {
+        "min_confidence": cfg.calibrate.review.min_confidence,
+        "min_margin": cfg.calibrate.review.min_margin,
+    }
     metrics = json.loads((root / cfg.paths.calibrate_metrics).read_text())
     assert metrics["val"]["oos_recall"] >= 0.6
-    assert {"ece_before", "ece_after", "oos_auroc", "oos_fpr_at_95_tpr", "in_scope_accuracy"} <= set(metrics["test"])
+    assert {"ece_before", "ece_after", "oos_auroc", "oos_fpr_at_95_tpr", "in_scope_accuracy"} <= set(
+        metrics["test"]
+    )
     # What serving does: logits from the bundle, then postprocess with the stage's file.
     predictor = Predictor.load(root / cfg.paths.model_dir)
     test = pd.read_parquet(root / cfg.paths.test)
@@ -71,6 +78,12 @@ def test_calibration_file_and_postprocess_contract(project):
     out = postprocess(logits, load_calibration(root / cfg.paths.calibration))
     oos = (test["label"] == "oos").to_numpy()
     assert out["out_of_scope"][oos].mean() == pytest.approx(metrics["test"]["oos_recall"], abs=0.02)
+    if "oos" in predictor.labels:  # trained as a class: its column is skipped by the score, its rows flagged
+        assert cal["oos_index"] == predictor.labels.index("oos")
+        as_oos = out["pred"] == cal["oos_index"]
+        assert as_oos[oos].mean() > 0.5 and out["out_of_scope"][as_oos].all()
+    else:
+        assert cal["oos_index"] is None
     np.testing.assert_allclose(out["proba"].sum(axis=1), 1, rtol=1e-5)
 
 

@@ -10,9 +10,16 @@ import pytest
 from intentops.calibrate import encode_with_oos, run_calibrate
 from intentops.ood import postprocess
 
-CFG = {"method": "energy", "fit_temperature": True, "target": {"oos_recall": 0.6},
-       "target_without_oos": {"in_scope_precision": 0.9}, "review": {"min_confidence": 0.5, "min_margin": 0.1},
-       "k": 5, "shrinkage": 0.1, "ece_bins": 15}
+CFG = {
+    "method": "energy",
+    "fit_temperature": True,
+    "target": {"oos_recall": 0.6},
+    "target_without_oos": {"in_scope_precision": 0.9},
+    "review": {"min_confidence": 0.5, "min_margin": 0.1},
+    "k": 5,
+    "shrinkage": 0.1,
+    "ece_bins": 15,
+}
 
 
 def synthetic(n_in: int, n_oos: int, k: int = 5, scale: float = 6.0, seed: int = 0):
@@ -34,7 +41,7 @@ def test_run_calibrate_with_oos_rows(method):
     trl, try_, tre = synthetic(500, 0, seed=3)
     res = run_calibrate(vl, vy, tl, ty, {**CFG, "method": method}, "oos", ve, te, tre, try_)
     cal, m = res["calibration"], res["metrics"]
-    assert set(cal) == {"temperature", "ood", "review", "oos_label"}
+    assert set(cal) == {"temperature", "ood", "review", "oos_label", "oos_index"} and cal["oos_index"] is None
     assert cal["temperature"] > 2  # logits were scaled x6: a temperature well above 1 undoes it
     assert m["val"]["ece_after"] < m["val"]["ece_before"]
     assert m["val"]["oos_recall"] >= 0.6
@@ -70,6 +77,34 @@ def test_encode_with_oos_marks_unknown_labels():
 
     ids = encode_with_oos(pd.DataFrame({"label": ["b", "oos", "a"]}), ["a", "b"])
     assert ids.tolist() == [1, -1, 0]
+    # Trained as a class (split.oos_as_class), "oos" is still out-of-scope.
+    ids = encode_with_oos(pd.DataFrame({"label": ["b", "oos", "a"]}), ["a", "b", "oos"], "oos")
+    assert ids.tolist() == [1, -1, 0]
+
+
+def with_oos_class(logits: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
+    """Append a trained out-of-scope column: high on about half the out-of-scope rows, low elsewhere."""
+    rng = np.random.default_rng(seed)
+    col = rng.normal(-2, 1, len(y))
+    caught = (y < 0) & (rng.random(len(y)) < 0.4)
+    col[caught] = logits[caught].max(axis=1) + 2
+    return np.c_[logits, col]
+
+
+def test_run_calibrate_with_an_oos_class_counts_its_rows_towards_the_target():
+    vl, vy, _ = synthetic(1000, 200, seed=6)
+    tl, ty, _ = synthetic(1000, 200, seed=7)
+    vl, tl = with_oos_class(vl, vy, 8), with_oos_class(tl, ty, 9)
+    res = run_calibrate(vl, vy, tl, ty, CFG, "oos", oos_index=5)
+    cal, m = res["calibration"], res["metrics"]
+    assert cal["oos_index"] == 5
+    by_class = postprocess(vl, {"temperature": cal["temperature"], "oos_index": 5})["out_of_scope"]
+    assert 0.3 < by_class[vy < 0].mean() < 0.5
+    # The class flags ~40 % of val's out-of-scope rows; the energy threshold adds just enough for 60 %.
+    assert m["val"]["oos_recall"] == pytest.approx(0.6, abs=1 / 200)
+    out = postprocess(tl, cal)
+    assert out["out_of_scope"][ty < 0].mean() == pytest.approx(m["test"]["oos_recall"])
+    assert out["out_of_scope"][out["pred"] == 5].all()
 
 
 def test_config_has_a_valid_calibrate_node():
@@ -80,5 +115,11 @@ def test_config_has_a_valid_calibrate_node():
     assert cfg.calibrate.method in METHODS
     for key in ("target", "target_without_oos"):
         assert len(cfg.calibrate[key]) == 1 and next(iter(cfg.calibrate[key])) in TARGETS
-    for key in ("calibration", "calibration_stats", "calibrate_metrics", "calibrate_roc", "calibrate_risk_coverage"):
+    for key in (
+        "calibration",
+        "calibration_stats",
+        "calibrate_metrics",
+        "calibrate_roc",
+        "calibrate_risk_coverage",
+    ):
         assert key in cfg.paths

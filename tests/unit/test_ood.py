@@ -167,3 +167,43 @@ def test_postprocess_without_ood_and_embedding_methods_need_embeddings():
     assert not out["out_of_scope"].any() and out["reason"].tolist() == [None]
     with pytest.raises(ValueError, match="embeddings"):
         postprocess(logits, calibration("knn", 0.5, True))
+
+
+def test_postprocess_with_an_oos_class_flags_its_rows_and_scores_in_scope_columns_only():
+    # Column 1 is a trained out-of-scope class (CLINC150 with split.oos_as_class).
+    logits = np.array(
+        [
+            [6.0, 0.0, 0.0],  # confident in-scope: accepted
+            [0.0, 6.0, 0.0],  # top-1 is the oos class: flagged whatever its energy
+            [0.5, 0.0, 0.4],  # flat over the in-scope columns: flagged by energy
+        ]
+    )
+    cal = {**calibration("energy", threshold=-2.0, higher_is_ood=True), "oos_index": 1}
+    out = postprocess(logits, cal)
+    np.testing.assert_allclose(out["ood_score"], energy_score(logits[:, [0, 2]]))
+    # Scored over all columns, row 1 would look in-scope (energy -6.0): the oos column must not count.
+    assert energy_score(logits)[1] < -2.0 < out["ood_score"][1]
+    assert out["out_of_scope"].tolist() == [False, True, True]
+    assert out["reason"].tolist() == [None, "out_of_distribution", "out_of_distribution"]
+    assert out["pred"].tolist() == [0, 1, 0]
+    # Without an out-of-scope method, the class alone still flags its rows.
+    out = postprocess(logits, {"temperature": 1.0, "oos_index": 1})
+    assert out["out_of_scope"].tolist() == [False, True, False]
+
+
+def test_oos_recall_threshold_counts_rows_already_flagged():
+    rng = np.random.default_rng(3)
+    scores = np.r_[rng.normal(0, 1, 900), rng.normal(2, 1, 100)]
+    is_oos = np.r_[np.zeros(900, bool), np.ones(100, bool)]
+    flagged = np.zeros(1000, bool)
+    flagged[900:930] = True  # 30 of the 100 out-of-scope rows caught by the oos class
+    t = choose_threshold(scores, is_oos, ~is_oos, True, {"oos_recall": 0.6}, flagged)
+    union = is_ood(scores, t, True) | flagged
+    assert union[is_oos].sum() == 60  # exactly the target: 30 by the class + 30 more by the score
+    plain = choose_threshold(scores, is_oos, ~is_oos, True, {"oos_recall": 0.6})
+    assert t > plain  # less aggressive than ignoring the class
+    # The class alone meets the target: the score flags nothing.
+    t = choose_threshold(scores, is_oos, ~is_oos, True, {"oos_recall": 0.25}, flagged)
+    assert not is_ood(scores, t, True).any()
+    t = choose_threshold(-scores, is_oos, ~is_oos, False, {"oos_recall": 0.25}, flagged)
+    assert not is_ood(-scores, t, False).any()
