@@ -111,7 +111,8 @@ def _env(mirror: str | None) -> dict[str, str]:
     env.pop("INTENTOPS_PARAMS", None)
     env.pop("INTENTOPS_DB_URL", None)  # the demo's queue is the project's own SQLite file
     if mirror:
-        env["INTENTOPS_DATA_MIRROR"] = mirror
+        # The demo projects live in a temp dir: a relative local mirror (../shared/datasets) must not move with them.
+        env["INTENTOPS_DATA_MIRROR"] = mirror if "://" in mirror else str(Path(mirror).resolve())
     return env
 
 
