@@ -34,6 +34,14 @@ def main() -> None:
     parser.add_argument("--targets", default="0.55,0.6,0.65,0.7")
     parser.add_argument("--memory-weights", help="comma-separated; default: the bundle's own weight")
     args = parser.parse_args()
+    from intentops.ood import EMBEDDING_METHODS
+
+    # The sweep re-scores val/test logits only; embedding-distance methods need the train stats calibrate fits.
+    unsupported = sorted(set(args.methods.split(",")) & set(EMBEDDING_METHODS))
+    if unsupported:
+        raise SystemExit(
+            f"--methods {','.join(unsupported)}: not swept here (needs train embeddings); use msp/energy"
+        )
     work = Path(args.workdir)
     params = load_params(work / "params.yaml")
     paths = params.paths
