@@ -22,6 +22,7 @@ from intentops.ood import (
     METHODS,
     choose_threshold,
     detection_metrics,
+    detection_score,
     fit_mahalanobis,
     fit_temperature,
     ood_scores,
@@ -60,8 +61,14 @@ def fit_ood_stats(
     return {}
 
 
-def split_metrics(out: dict, y: np.ndarray, is_oos: np.ndarray, higher_is_ood: bool, n_bins: int) -> dict:
-    """What one split reports once postprocessed: accuracy with rejections, OOS recall, detection metrics."""
+def split_metrics(
+    out: dict, y: np.ndarray, is_oos: np.ndarray, higher_is_ood: bool, n_bins: int, oos_index: int | None = None
+) -> dict:
+    """What one split reports once postprocessed: accuracy with rejections, OOS recall, detection metrics.
+
+    `oos_auroc`/`oos_fpr_at_95_tpr` rank rows as deployed (`ood.detection_score`: a top-1 on a trained
+    out-of-scope class counts as most out-of-scope); with such a class, `oos_score_only_*` are the score's own.
+    """
     ins = ~is_oos
     pred_ok = (out["pred"] == y) & ins
     accepted_ok = pred_ok & ~out["out_of_scope"]
@@ -80,9 +87,15 @@ def split_metrics(out: dict, y: np.ndarray, is_oos: np.ndarray, higher_is_ood: b
         m["in_scope_precision"] = float(accepted_ok[accepted].mean())
     if is_oos.any():
         m["oos_recall"] = float(out["out_of_scope"][is_oos].mean())
-        m.update(
-            {f"oos_{k}": v for k, v in detection_metrics(out["ood_score"], is_oos, higher_is_ood).items()}
-        )
+        score = detection_score(out, higher_is_ood, oos_index)
+        m.update({f"oos_{k}": v for k, v in detection_metrics(score, is_oos, higher_is_ood).items()})
+        if oos_index is not None:
+            m.update(
+                {
+                    f"oos_score_only_{k}": v
+                    for k, v in detection_metrics(out["ood_score"], is_oos, higher_is_ood).items()
+                }
+            )
     return m
 
 
@@ -159,7 +172,7 @@ def run_calibrate(
         ("test", test_logits, test_y, test_oos, test_emb),
     ):
         out = postprocess(logits, calibration, emb)
-        m = split_metrics(out, y, oos, ood["higher_is_ood"], n_bins)
+        m = split_metrics(out, y, oos, ood["higher_is_ood"], n_bins, oos_index)
         m["ece_before"] = expected_calibration_error(softmax(logits[~oos]), y[~oos], n_bins)
         m["ece_after"] = m.pop("ece")
         metrics[split] = m
@@ -171,7 +184,7 @@ def run_calibrate(
         out["confidence"][ins], (out["pred"] == test_y)[ins]
     )
     if test_oos.any():
-        plots["roc"] = roc_points(out["ood_score"], test_oos, ood["higher_is_ood"])
+        plots["roc"] = roc_points(detection_score(out, ood["higher_is_ood"], oos_index), test_oos, ood["higher_is_ood"])
     else:
         wrong = out["pred"][ins] != test_y[ins]
         plots["roc"] = roc_points(out["ood_score"][ins], wrong, ood["higher_is_ood"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -44,13 +45,79 @@ def load_encoder(name: str | None, device: str = "cpu"):
         ) from err
 
 
-def run_embed(encoder, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-    """Encode `texts` into L2-normalised float32 vectors, shape (n, dim)."""
-    vecs = encoder.encode(
-        list(texts), batch_size=batch_size, show_progress_bar=progress,
-        convert_to_numpy=True, normalize_embeddings=True,
-    )
-    return np.asarray(vecs, dtype=np.float32).reshape(len(texts), -1)
+def check_layers(layers, n_layers: int) -> list[int] | None:
+    """`embed.layers` as a list of hidden-state indices valid for a model with `n_layers` transformer layers.
+
+    Index 0 is the token-embedding output and `n_layers` (or -1) the last layer, as in Hugging Face's
+    `hidden_states`; null or [] means the encoder's own sentence embedding.
+    """
+    if layers is None or len(layers) == 0:
+        return None
+    bad = [x for x in layers if isinstance(x, bool) or not isinstance(x, int) or not -n_layers - 1 <= x <= n_layers]
+    if bad:
+        raise UserError(
+            f"embed.layers {list(layers)} has {bad}: not a hidden-state index of a {n_layers}-layer encoder",
+            where="conf/config.yaml: embed.layers",
+            fix=f"use integers from {-n_layers - 1} to {n_layers} (-1 = last layer), or null for the encoder's own "
+            "sentence embedding",
+        )
+    return [int(x) for x in layers]
+
+
+def pool_layers(hidden_states, attention_mask, layers: list[int]):
+    """Mean over real tokens of each chosen hidden state, each L2-normalised, concatenated.
+
+    The concatenation is divided by sqrt(len(layers)) so it has unit norm: a dot product of two such vectors
+    is the mean of the per-layer cosines. `layers == [-1]` is sentence-transformers' mean + normalise.
+    Shared by `run_embed` and the exported ONNX graph (intentops.export), so both compute the same vector.
+
+    Args:
+        hidden_states: sequence of (b, L, d) tensors, Hugging Face's `output_hidden_states`.
+        attention_mask: (b, L), 1 on real tokens.
+    Returns:
+        (b, d * len(layers)) tensor.
+    """
+    import torch
+
+    mask = attention_mask.unsqueeze(-1).to(hidden_states[-1].dtype)  # (b, L, 1)
+    count = mask.sum(1).clamp(min=1e-9)
+    parts = [torch.nn.functional.normalize((hidden_states[i] * mask).sum(1) / count, p=2, dim=1) for i in layers]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1) / math.sqrt(len(parts))
+
+
+def run_embed(encoder, texts: list[str], batch_size: int = 64, progress: bool = False,
+              layers: list[int] | None = None) -> np.ndarray:
+    """Encode `texts` into unit-norm float32 vectors, shape (n, dim).
+
+    Args:
+        layers: hidden-state indices to mean-pool and concatenate (`pool_layers`), e.g. [-3, -2, -1]: the lower
+            layers keep more of the wording, which helps on short queries (CLINC150). None: the encoder's
+            own sentence embedding.
+    """
+    if not layers:
+        vecs = encoder.encode(
+            list(texts), batch_size=batch_size, show_progress_bar=progress,
+            convert_to_numpy=True, normalize_embeddings=True,
+        )
+        return np.asarray(vecs, dtype=np.float32).reshape(len(texts), -1)
+    import torch
+
+    bert = encoder[0].auto_model
+    layers = check_layers(list(layers), int(bert.config.num_hidden_layers))
+    texts = [str(t) for t in texts]
+    out = np.zeros((len(texts), bert.config.hidden_size * len(layers)), dtype=np.float32)
+    order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths share a batch: less padding
+    n_batches = max(1, math.ceil(len(texts) / batch_size))
+    with torch.inference_mode():
+        for b, start in enumerate(range(0, len(texts), batch_size)):
+            idx = order[start:start + batch_size]
+            tokens = encoder.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                       max_length=int(encoder.max_seq_length), return_tensors="pt")
+            hidden = bert(**tokens, output_hidden_states=True).hidden_states
+            out[idx] = pool_layers(hidden, tokens["attention_mask"], layers).float().numpy()
+            if progress and (b + 1) % max(1, n_batches // 10) == 0:
+                log.info("embed: %d/%d batches", b + 1, n_batches)
+    return out
 
 
 @cli_entry
@@ -63,17 +130,18 @@ def main() -> None:
     encoder = load_encoder(ecfg.model)
     if ecfg.get("max_seq_length"):
         encoder.max_seq_length = int(ecfg.max_seq_length)
+    layers = check_layers(ecfg.get("layers"), int(encoder[0].auto_model.config.num_hidden_layers))
     with atomic_path(paths.embeddings_dir) as tmp:
         tmp.mkdir(parents=True)
         shapes = {}
         for split in SPLITS:
             texts = pd.read_parquet(paths[split], columns=["text"])["text"].tolist()
             log.info("embed: encoding %d %s sentences", len(texts), split)
-            vecs = run_embed(encoder, texts, ecfg.batch_size, progress=True)
+            vecs = run_embed(encoder, texts, ecfg.batch_size, progress=True, layers=layers)
             np.save(Path(tmp) / f"{split}.npy", vecs)
             shapes[split] = list(vecs.shape)
         write_json(Path(tmp) / "meta.json", {"encoder": resolve_encoder(ecfg.model), "shapes": shapes,
-                                             "max_seq_length": encoder.max_seq_length})
+                                             "max_seq_length": encoder.max_seq_length, "layers": layers})
     log.info("embed: wrote %s", shapes)
 
 

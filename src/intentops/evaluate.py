@@ -11,7 +11,7 @@ import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from intentops.config import load_params
-from intentops.errors import cli_entry
+from intentops.errors import UserError, cli_entry
 from intentops.io import atomic_path, write_json
 from intentops.metrics import classification_summary, expected_calibration_error, reliability_bins
 from intentops.train import encode_labels
@@ -107,12 +107,19 @@ def confidence_histogram(confidence: list[dict], n_bins: int = 20) -> list[dict]
     return rows
 
 
-def error_analysis_markdown(result: dict, top_worst: int = 10) -> str:
-    """A readable report: most-confused pairs with examples, worst classes, FP vs FN, slices."""
+def error_analysis_markdown(result: dict, point: dict | None = None, top_worst: int = 10) -> str:
+    """A readable report: the operating point, most-confused pairs with examples, worst classes, FP vs FN, slices."""
     m = result["metrics"]["test"]
     pc = result["per_class"]
     lines = ["# Error analysis (test split)", "",
-             f"Accuracy {m['accuracy']:.4f} · macro-F1 {m['macro_f1']:.4f} · ECE {m['ece']:.4f} · n = {m['n']}", "",
+             f"Accuracy {m['accuracy']:.4f} · macro-F1 {m['macro_f1']:.4f} · ECE {m['ece']:.4f} · n = {m['n']}", ""]
+    if point:
+        lines += ["## Operating point (as served: out-of-scope flags count as wrong on in-scope rows)", "",
+                  f"Method {point['method']}, threshold {point['threshold']}, temperature {point['temperature']:.3f}: "
+                  f"in-scope accuracy {point['in_scope_accuracy']:.4f} on {point['n_in_scope']} rows, coverage "
+                  f"{point['coverage']:.4f}" + (f"; OOS recall {point['oos_recall']:.4f} on {point['n_oos']} rows, "
+                                               f"AUROC {point['oos_auroc']:.4f}" if point["n_oos"] else "") + ".", ""]
+    lines += [
              "## Most-confused pairs", "", "| true | predicted | count | examples |", "|---|---|---|---|"]
     for p in result["pairs"]:
         ex = "<br>".join(e.replace("|", "\\|") for e in p["examples"])
@@ -139,20 +146,68 @@ def error_analysis_markdown(result: dict, top_worst: int = 10) -> str:
     return "\n".join(lines)
 
 
+def operating_point(
+    predictor, frame: pd.DataFrame, calibration: dict, oos_label: str | None, n_bins: int = 15
+) -> tuple[np.ndarray, dict]:
+    """The shipped behaviour on a labelled frame: calibrated probabilities, and what `ood.postprocess` flags.
+
+    Every row is scored, out-of-scope ones too (labels the model does not know, or `oos_label`).
+
+    Returns:
+        (calibrated probabilities (n, k), metrics: `calibrate.split_metrics` -- in-scope accuracy with flagged
+        rows counted wrong, coverage, OOS recall, AUROC and FPR at 95 % TPR -- plus the method and threshold)
+    """
+    from intentops.calibrate import encode_with_oos, split_metrics
+    from intentops.ood import EMBEDDING_METHODS, HIGHER_IS_OOD, postprocess
+
+    texts = frame["text"].tolist()
+    ood = calibration.get("ood") or {}
+    encode = getattr(predictor.featurizer, "encode", None)  # frozen-encoder models: encode once, use twice
+    emb = encode(texts) if encode is not None else None
+    if ood.get("method") in EMBEDDING_METHODS and emb is None:
+        raise UserError(
+            f"out-of-scope method {ood['method']!r} needs sentence embeddings, which model "
+            f"{predictor.meta.get('model')!r} does not compute",
+            where="params.yaml: calibrate.method",
+            fix="calibrate with msp or energy, or train model=minilm_head",
+        )
+    logits = predictor.logits(texts, embeddings=emb) if emb is not None else predictor.logits(texts)
+    out = postprocess(logits, calibration, emb)
+    y = encode_with_oos(frame, predictor.labels, oos_label)
+    higher = bool(ood.get("higher_is_ood", HIGHER_IS_OOD.get(ood.get("method"), True)))
+    oos_index = calibration.get("oos_index")
+    m = split_metrics(out, y, y < 0, higher, n_bins, oos_index)
+    return out["proba"], {"method": ood.get("method"), "threshold": ood.get("threshold"),
+                          "temperature": float(calibration.get("temperature", 1.0)), **m}
+
+
 @cli_entry
 def main() -> None:
     from intentops.io import read_json
+    from intentops.ood import load_calibration
     from intentops.predictor import Predictor
 
     cfg = load_params()
     paths = cfg.paths
+    n_bins = int(cfg.evaluate.ece_bins)
     predictor = Predictor.load(paths.model_dir)
-    test, y_true, _ = encode_labels(pd.read_parquet(paths.test), predictor.labels)
+    # The `calibrate` stage's fit: evaluate scores what serving will do (temperature, out-of-scope flags).
+    calibration = load_calibration(paths.calibration) if Path(paths.calibration).is_file() else {}
+    if not calibration:
+        log.warning("evaluate: no %s; reporting uncalibrated probabilities and no operating point", paths.calibration)
+    oos_label = read_json(paths.taxonomy).get("oos_label") or "oos"
+    frame = pd.read_parquet(paths.test)
+    log.info("evaluate: predicting %d test utterances through the Predictor", len(frame))
+    proba_all, point = operating_point(predictor, frame, calibration, oos_label, n_bins)
+    # Classification metrics over the rows whose label the model knows (a trained oos class included).
+    test, y_true, kept = encode_labels(frame, predictor.labels)
     texts = test["text"].tolist()
-    log.info("evaluate: predicting %d test utterances through the Predictor", len(texts))
-    proba = predictor.predict_proba(texts)
-    result = run_evaluate(proba, y_true, predictor.labels, texts, int(cfg.evaluate.ece_bins))
+    proba = proba_all[kept]
+    result = run_evaluate(proba, y_true, predictor.labels, texts, n_bins)
     metrics = result["metrics"]
+    if calibration:
+        # In-scope accuracy (flagged rows count as wrong) and OOS recall at the threshold `calibrate` chose.
+        metrics["operating_point"] = point
     try:  # the bar to clear, side by side with the model
         metrics["baseline_accuracy"] = read_json(paths.baseline_metrics)["test"]["accuracy"]
     except FileNotFoundError:
@@ -169,10 +224,14 @@ def main() -> None:
     with atomic_path(paths.eval_per_class_csv) as tmp:
         result["per_class"].to_csv(tmp, index=False)
     with atomic_path(paths.error_analysis) as tmp:
-        tmp.write_text(error_analysis_markdown(result), encoding="utf-8")
+        tmp.write_text(error_analysis_markdown(result, metrics.get("operating_point")), encoding="utf-8")
     write_json(paths.eval_metrics, metrics)
     log.info("evaluate: accuracy %.4f, macro-F1 %.4f, ECE %.4f", metrics["test"]["accuracy"],
              metrics["test"]["macro_f1"], metrics["test"]["ece"])
+    if calibration:
+        log.info("evaluate: operating point (%s, threshold %s): in-scope accuracy %.4f on %d%s", point["method"],
+                 point["threshold"], point["in_scope_accuracy"], point["n_in_scope"],
+                 f", OOS recall {point['oos_recall']:.4f} on {point['n_oos']}" if point["n_oos"] else "")
 
 
 if __name__ == "__main__":

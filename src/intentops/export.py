@@ -4,7 +4,8 @@ versioned, self-describing bundle that `Predictor.load` serves, after a parity c
 Bundle layout (paths.bundle_dir):
     bundle.json        format "onnx", version, graph inputs, model variants, ONNX Runtime settings
     model.onnx         fp32 graph: input_ids, attention_mask (b, L) int64, tfidf (b, V) float32 -> logits (b, k),
-                       embedding (b, 384) (the normalised sentence embedding, for kNN/Mahalanobis out-of-scope)
+                       embedding (b, 384 per embed.layers entry) (the normalised sentence embedding, for
+                       kNN/Mahalanobis out-of-scope)
     model.int8.onnx    the same with dynamic int8 weights (export.quantize)
     tokenizer.json     the encoder's `tokenizers` tokenizer, set to truncate at max_seq_length, pad to the longest
     tfidf.joblib       the fitted sklearn TF-IDF union (sklearn computes it at serving time too)
@@ -63,6 +64,8 @@ EXPORTABLE_MODELS = ("minilm_head",)
 def build_graph(predictor: Predictor, encoder):
     """One `nn.Module`: MiniLM -> mean pooling over real tokens -> L2 normalisation -> the trained head.
 
+    With `embed.layers` the pooling covers those hidden states (`intentops.embed.pool_layers`).
+
     Args:
         predictor: a torch `Predictor` of model `minilm_head` (net = EmbTfidfHead).
         encoder: the SentenceTransformer the featurizer encodes with (Transformer, mean Pooling, Normalize).
@@ -79,6 +82,10 @@ def build_graph(predictor: Predictor, encoder):
             fix="export supports Transformer + mean Pooling + Normalize encoders such as all-MiniLM-L6-v2",
         )
 
+    from intentops.embed import pool_layers
+
+    layers = getattr(predictor.featurizer, "layers", None) or [-1]
+
     class EncoderHead(nn.Module):
         def __init__(self, bert: nn.Module, head: nn.Module):
             super().__init__()
@@ -89,14 +96,16 @@ def build_graph(predictor: Predictor, encoder):
         ) -> tuple[torch.Tensor, torch.Tensor]:
             # Token types are all 0 for single sentences, as sentence-transformers feeds them.
             hidden = self.bert(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids)
-            ).last_hidden_state  # (b, L, 384)
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (b, L, 1)
-            emb = (hidden * mask).sum(1) / mask.sum(1).clamp(
-                min=1e-9
-            )  # (b, 384), sentence-transformers' mean
-            emb = nn.functional.normalize(emb, p=2, dim=1)
-            return self.head(emb, tfidf), emb  # logits (b, k), embedding (b, 384)
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=torch.zeros_like(input_ids),
+                output_hidden_states=layers != [-1],
+            )
+            # (b, L, 384) per layer -> (b, 384 * len(layers)): embed.layers, as the featurizer encodes;
+            # [-1] is sentence-transformers' mean + normalise.
+            states = hidden.hidden_states if layers != [-1] else (hidden.last_hidden_state,)
+            emb = pool_layers(states, attention_mask, layers)
+            return self.head(emb, tfidf), emb  # logits (b, k), embedding (b, d)
 
     return EncoderHead(encoder[0].auto_model, predictor.net).eval()
 
@@ -368,6 +377,9 @@ def bundle_calibration(fitted: dict, train_temperature: float, review_defaults: 
         "ood": ood,
         "review": {k: float(review.get(k, review_defaults[k])) for k in ("min_confidence", "min_margin")},
         "oos_label": fitted.get("oos_label"),
+        # The trained out-of-scope class's logit column (split.oos_as_class): without it serving would neither
+        # flag its top-1s nor leave it out of the score the threshold was fitted on.
+        "oos_index": fitted.get("oos_index"),
     }
     return calibration, stats
 

@@ -197,6 +197,19 @@ def detection_metrics(
     }
 
 
+def detection_score(out: dict, higher_is_ood: bool, oos_index: int | None = None) -> np.ndarray:
+    """The score AUROC and the ROC should rank by: `postprocess`'s `ood_score`, except that rows flagged by a
+    trained out-of-scope class (top-1 == `oos_index`) rank as the most out-of-scope, whatever their score --
+    they are flagged at every threshold. Without a trained class, the score itself."""
+    score = np.asarray(out["ood_score"], dtype=np.float64)
+    if oos_index is None or not len(score):
+        return score
+    by_class = np.asarray(out["pred"]) == int(oos_index)
+    finite = score[np.isfinite(score)]
+    edge = (finite.max() + 1.0 if higher_is_ood else finite.min() - 1.0) if len(finite) else 0.0
+    return np.where(by_class, edge, score)
+
+
 def roc_points(
     scores: np.ndarray, positive: np.ndarray, higher_is_positive: bool, n: int = 101
 ) -> list[dict]:

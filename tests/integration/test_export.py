@@ -109,6 +109,7 @@ def test_bundle_contents(project):
         "temperature": 1.0,
         "ood": {},
         "oos_label": None,
+        "oos_index": None,
         "review": {"min_confidence": cfg.export.min_confidence, "min_margin": cfg.export.min_margin},
     }
     tok = json.loads((bundle / "tokenizer.json").read_text())
@@ -280,3 +281,27 @@ def test_fitted_out_of_scope_calibration_travels_in_the_bundle(tmp_path_factory)
     inside, outside = p.predict(["my card was stolen", "what is the weather like in paris tomorrow"])
     assert (inside["out_of_scope"], inside["reason"]) == (False, None)
     assert (outside["out_of_scope"], outside["reason"]) == (True, "out_of_distribution")
+
+
+def test_multi_layer_embedding_exports_with_parity(tmp_path_factory):
+    """embed.layers=[-3,-2,-1]: the featurizer and the ONNX graph pool the same three hidden states
+    (intentops.embed.pool_layers), so parity holds and the graph's embedding output is 3 x 384 wide."""
+    from intentops import export
+    from intentops.predictor import OnnxPredictor, Predictor
+
+    root = tmp_path_factory.mktemp("export-layers") / "repo"
+    cfg = tiny_project(root, ["embed.layers=[-3,-2,-1]"])
+    torch_p = Predictor.load(root / cfg.paths.model_dir)
+    assert torch_p.featurizer.layers == [-3, -2, -1] and torch_p.meta["net_kwargs"]["emb_dim"] == 3 * 384
+    test = pd.read_parquet(root / cfg.paths.test)["text"].tolist()
+    # What the featurizer encodes at serving time is what the fixture wrote for training (unit norm, 1152 wide).
+    emb = torch_p.featurizer.encode(test[:8])
+    np.testing.assert_allclose(emb, np.load(root / cfg.paths.embeddings_dir / "test.npy")[:8], atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    run_stage(export, root)
+    parity = json.loads((root / cfg.paths.export_parity).read_text())
+    assert parity["passed"] and parity["argmax_agreement"] == 1.0
+    onnx = OnnxPredictor.from_bundle(root / cfg.paths.bundle_dir)
+    logits, graph_emb = onnx.outputs(test[:8], need_embeddings=True)
+    np.testing.assert_allclose(graph_emb, emb, atol=1e-4)
+    assert logits.shape == (8, len(torch_p.labels))

@@ -1,4 +1,5 @@
-"""`calibrate` end to end on a tiny model trained without one intent (pseudo out-of-scope), plus DVC plots."""
+"""`calibrate` end to end on a tiny model trained without one intent (pseudo out-of-scope), plus DVC plots, the
+`evaluate` stage's operating point and the exported bundle's out-of-scope class (~25 s in all)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,6 @@ def project(request, tmp_path_factory):
     return root, cfg
 
 
-@pytest.mark.slow
 def test_calibration_file_and_postprocess_contract(project):
     from intentops.calibrate import predictor_logits
     from intentops.ood import load_calibration, postprocess
@@ -87,7 +87,6 @@ def test_calibration_file_and_postprocess_contract(project):
     np.testing.assert_allclose(out["proba"].sum(axis=1), 1, rtol=1e-5)
 
 
-@pytest.mark.slow
 def test_dvc_plots_show_renders_calibrate_plots(project):
     root, _ = project
     shutil.copy2(ROOT / "dvc.yaml", root / "dvc.yaml")
@@ -98,3 +97,47 @@ def test_dvc_plots_show_renders_calibrate_plots(project):
         (plot,) = [v for k, v in shown.items() if k.startswith(title)]
         values = plot[0]["content"]["data"]["values"]
         assert len(values) > 2 and {x, y} <= set(values[0]), f"{title}: {values[:2]}"
+
+
+def test_evaluate_reports_in_scope_accuracy_and_oos_recall_at_the_operating_point(project):
+    """`evaluate` re-encodes test through the Predictor and applies calibration.json: the same operating point
+    as `calibrate` measured on the stage's embeddings, over every in-scope and every out-of-scope row."""
+    from intentops import evaluate
+
+    root, cfg = project
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        evaluate.main()
+    point = json.loads((root / cfg.paths.eval_metrics).read_text())["operating_point"]
+    fitted = json.loads((root / cfg.paths.calibrate_metrics).read_text())["test"]
+    test = pd.read_parquet(root / cfg.paths.test)
+    n_oos = int((test["label"] == "oos").sum())
+    assert (point["n_in_scope"], point["n_oos"]) == (len(test) - n_oos, n_oos) and n_oos > 0
+    assert point["method"] == cfg.calibrate.method and point["threshold"] == fitted.get("threshold", point["threshold"])
+    for key in ("in_scope_accuracy", "oos_recall", "coverage", "oos_auroc"):
+        assert point[key] == pytest.approx(fitted[key], abs=0.02), key
+    report = (root / cfg.paths.error_analysis).read_text()
+    assert "## Operating point" in report and f"OOS recall {point['oos_recall']:.4f}" in report
+    # A trained oos class reports the deployed detector (class + score) and the score alone.
+    labels = json.loads((root / cfg.paths.model_dir / "bundle.json").read_text())["labels"]
+    assert ("oos_score_only_auroc" in point) == ("oos" in labels)
+
+
+def test_exported_bundle_keeps_the_trained_oos_class(project):
+    """The ONNX bundle carries `oos_index`: a top-1 on the oos class is served as out_of_distribution."""
+    from intentops import export
+    from intentops.predictor import Predictor
+
+    root, cfg = project
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        export.main()
+    bundle = Predictor.load(root / cfg.paths.bundle_dir)
+    cal = json.loads((root / cfg.paths.bundle_dir / "calibration.json").read_text())
+    assert cal["oos_index"] == (bundle.labels.index("oos") if "oos" in bundle.labels else None)
+    oos_texts = pd.read_parquet(root / cfg.paths.test).query("label == 'oos'")["text"].tolist()
+    out = bundle.predict(oos_texts)
+    assert sum(r["out_of_scope"] for r in out) / len(out) >= 0.5
+    for r in out:
+        if r["intent"] == "oos":  # only possible with the class; never served as an in-scope answer
+            assert (r["out_of_scope"], r["reason"]) == (True, "out_of_distribution")

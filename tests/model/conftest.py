@@ -62,7 +62,7 @@ def write_fixture_project(root: Path, cfg, encoder=None) -> None:
     emb_dir = root / cfg.paths.embeddings_dir
     emb_dir.mkdir(parents=True, exist_ok=True)
     for split, frame in frames.items():
-        np.save(emb_dir / f"{split}.npy", run_embed(encoder, frame["text"].tolist()))
+        np.save(emb_dir / f"{split}.npy", run_embed(encoder, frame["text"].tolist(), layers=cfg.embed.get("layers")))
 
 
 SMALL = ["logger=none", "trainer.enable_progress_bar=false", "train.inference_sample=16", "train.num_threads=2"]

@@ -63,11 +63,13 @@ def test_bundle_calibration_carries_the_fitted_method_threshold_and_review(tmp_p
         "oos_label": "oos",
         "review": {"min_confidence": 0.6},
         "ood": {"method": "energy", "threshold": -7.5, "higher_is_ood": True, "stats_file": "x.npz", "k": 10},
+        "oos_index": 80,
     }
     cal, stats = bundle_calibration(fitted, 1.0, {"min_confidence": 0.5, "min_margin": 0.1})
     assert stats == {} and cal == {
         "temperature": 1.4,
         "oos_label": "oos",
+        "oos_index": 80,  # a trained out-of-scope class (split.oos_as_class) keeps its column in the bundle
         "review": {"min_confidence": 0.6, "min_margin": 0.1},
         "ood": {"method": "energy", "threshold": -7.5, "higher_is_ood": True, "k": 10},
     }
@@ -76,6 +78,7 @@ def test_bundle_calibration_carries_the_fitted_method_threshold_and_review(tmp_p
     assert (
         cal["temperature"] == 1.2
         and cal["ood"] == {}
+        and cal["oos_index"] is None
         and cal["review"] == {"min_confidence": 0.5, "min_margin": 0.1}
     )
     # Embedding methods: the statistics travel in the bundle under a fixed name that load_calibration follows.

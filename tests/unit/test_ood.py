@@ -191,6 +191,22 @@ def test_postprocess_with_an_oos_class_flags_its_rows_and_scores_in_scope_column
     assert out["out_of_scope"].tolist() == [False, True, False]
 
 
+def test_detection_score_ranks_rows_the_oos_class_flags_as_most_out_of_scope():
+    from intentops.ood import detection_score
+
+    out = {"ood_score": np.array([-8.0, -1.0, -7.0, -2.0]), "pred": np.array([0, 1, 1, 2])}
+    # Higher is OOD: the two oos-class rows (pred 1) go above every score, the others keep theirs.
+    got = detection_score(out, True, oos_index=1)
+    assert got[[0, 3]].tolist() == [-8.0, -2.0] and (got[[1, 2]] > out["ood_score"].max()).all()
+    # Lower is OOD (msp): below every score instead.
+    low = detection_score({"ood_score": np.array([0.9, 0.2, 0.8]), "pred": np.array([0, 1, 0])}, False, 1)
+    assert low[1] < 0.2 and low[[0, 2]].tolist() == [0.9, 0.8]
+    # Without a trained class, the score itself: the AUROC of a class that catches a row its score misses rises.
+    np.testing.assert_array_equal(detection_score(out, True, None), out["ood_score"])
+    is_oos = np.array([False, False, True, True])
+    assert detection_metrics(got, is_oos, True)["auroc"] > detection_metrics(out["ood_score"], is_oos, True)["auroc"]
+
+
 def test_oos_recall_threshold_counts_rows_already_flagged():
     rng = np.random.default_rng(3)
     scores = np.r_[rng.normal(0, 1, 900), rng.normal(2, 1, 100)]

@@ -15,11 +15,13 @@ class EmbeddingTfidfFeaturizer:
     """Texts -> {"emb": (n, 384) float32, "tfidf": (n, V) CSR}; TF-IDF is fit on the training texts.
 
     The encoder is loaded lazily by name and never pickled, so a saved featurizer is only the vectoriser.
+    `layers` (embed.layers) picks the hidden states pooled into "emb" (`intentops.embed.run_embed`).
     """
 
     def __init__(self, encoder: str | None = None, batch_size: int = 64, max_seq_length: int | None = None,
-                 tfidf: dict | None = None):
+                 tfidf: dict | None = None, layers: Sequence[int] | None = None):
         self.encoder_name, self.batch_size, self.max_seq_length = encoder, batch_size, max_seq_length
+        self.layers = list(layers) if layers else None
         self.vectorizer = make_tfidf(**(tfidf or {}))
         self._encoder = None
 
@@ -33,7 +35,8 @@ class EmbeddingTfidfFeaturizer:
             self._encoder = load_encoder(self.encoder_name)
             if self.max_seq_length:
                 self._encoder.max_seq_length = int(self.max_seq_length)
-        return run_embed(self._encoder, list(texts), self.batch_size)
+        # Bundles saved before embed.layers existed have no attribute: the encoder's own embedding.
+        return run_embed(self._encoder, list(texts), self.batch_size, layers=getattr(self, "layers", None))
 
     def fit(self, texts: Sequence[str], embeddings: np.ndarray | None = None) -> EmbeddingTfidfFeaturizer:
         self.vectorizer.fit(list(texts))
