@@ -130,6 +130,12 @@ def cluster():
         finally:
             c.stop()
             shutil.rmtree(temp_root, ignore_errors=True)
+    # Ray's C++ token loader caches that token for the whole process: drop it with the env restored, or a later
+    # ray.init in this pytest process (tests/integration/test_loop.py) starts a head that reads ~/.ray/auth_token
+    # and then refuses its own driver (InvalidAuthToken).
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    reset_auth_token_state()
 
 
 def replicas() -> dict[str, dict]:
