@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_VERSION := 25.3
-# Stage commands in dvc.yaml call `python -m intentops.<stage>`: make them find the venv's python.
+# Stage commands in dvc.yaml call `python -m intentops.stages.<stage>`: make them find the venv's python.
 export PATH := $(BIN):$(PATH)
 export WANDB_MODE ?= $(if $(WANDB_API_KEY),online,offline)
 PYTEST_ARGS ?=
@@ -67,8 +67,10 @@ test: $(STAMP) ## Run the default test suite (not `slow`)
 test-all: $(STAMP) ## Run every test, `slow` ones included
 	$(BIN)/pytest -m "slow or not slow" $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff on the package, tests and benchmarks
+lint: $(STAMP) ## ruff (check + format --check) and the import-linter layering contracts (pyproject.toml)
 	$(BIN)/ruff check src tests benchmarks serving
+	$(BIN)/ruff format --check src tests benchmarks serving
+	$(BIN)/lint-imports --no-cache
 
 params: $(STAMP) ## Compose conf/ into params.yaml (what `dvc exp run` does)
 	$(BIN)/intentops params

@@ -34,30 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
+from intentops.config import PARAMS_ENV, load_params
+from intentops.data.sources import MIRROR_ENV
+from intentops.scratch import create_project, tool_env, write_project_params
+
 ROOT = Path(__file__).resolve().parents[1]
-# What a copy of the project needs; data, models and reports are produced inside it.
-COPY = ("conf", "src", "dvc.yaml", "pyproject.toml", ".gitignore", "data/feedback/labels.csv")
 PREP = ["ingest", "validate", "split", "embed"]
-
-
-def sync_project(work: Path, env: dict, overrides: list[str]) -> None:
-    """Create or refresh a DVC project copy at `work` with this checkout's code and config."""
-    fresh = not (work / ".dvc").is_dir()
-    work.mkdir(parents=True, exist_ok=True)
-    for item in COPY:
-        src, dst = ROOT / item, work / item
-        if src.is_dir():
-            shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
-    (work / "data" / "external").mkdir(parents=True, exist_ok=True)
-    if fresh:
-        sh(work, env, "dvc", "init", "--no-scm", "-q")
-        shutil.copy(ROOT / ".dvc" / "config", work / ".dvc" / "config")
-        sh(work, env, "dvc", "config", "core.no_scm", "true")
-    sh(work, env, "intentops", "params", "logger=none", *overrides)
 
 
 def sh(cwd: Path, env: dict, *cmd: str) -> None:
@@ -87,23 +69,16 @@ def hold_out_intents(work: Path, k: int, seed: int, oos_label: str = "oos") -> l
     relabelled `oos_label` in val/test. The pipeline's own outputs stay as DVC wrote them."""
     import pandas as pd
 
-    src = {
-        name: work / path
-        for name, path in (
-            ("train", "data/processed/train.parquet"),
-            ("val", "data/processed/val.parquet"),
-            ("test", "data/processed/test.parquet"),
-        )
-    }
-    taxonomy = json.loads((work / "data/interim/taxonomy.json").read_text())
+    paths = load_params(work / "params.yaml").paths
+    taxonomy = json.loads((work / paths.taxonomy).read_text())
     held = sorted(
         np.random.default_rng(seed).choice(sorted(taxonomy["labels"]), size=k, replace=False).tolist()
     )
     out_emb = work / PROXY_PATHS["embeddings_dir"]
     out_emb.mkdir(parents=True, exist_ok=True)
-    for split, path in src.items():
-        frame = pd.read_parquet(path)
-        emb = np.load(work / "data/embeddings" / f"{split}.npy")
+    for split in ("train", "val", "test"):
+        frame = pd.read_parquet(work / paths[split])
+        emb = np.load(work / paths.embeddings_dir / f"{split}.npy")
         mask = frame["label"].isin(held).to_numpy()
         if split == "train":
             frame, emb = frame[~mask].reset_index(drop=True), emb[~mask]
@@ -121,11 +96,13 @@ def hold_out_intents(work: Path, k: int, seed: int, oos_label: str = "oos") -> l
 
 
 def summarise(work: Path, extra: dict) -> dict:
+    paths = load_params(work / "params.yaml").paths
     metrics_file = extra.pop("metrics_file", None)
-    m = json.loads((work / (metrics_file or "reports/calibrate/metrics.json")).read_text())
+    m = json.loads((work / (metrics_file or paths.calibrate_metrics)).read_text())
     test = m["test"]
-    if metrics_file is None:  # CLINC150: `evaluate` re-encoded test through the Predictor with calibration.json
-        test = {**test, **json.loads((work / "reports/eval/metrics.json").read_text())["operating_point"]}
+    # CLINC150: `evaluate` re-encoded test through the Predictor with calibration.json
+    if metrics_file is None:
+        test = {**test, **json.loads((work / paths.eval_metrics).read_text())["operating_point"]}
     return {
         **extra,
         "method": m["method"],
@@ -147,7 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--mirror",
-        default=os.environ.get("INTENTOPS_DATA_MIRROR") or str(ROOT / ".." / "shared" / "datasets"),
+        default=os.environ.get(MIRROR_ENV) or str(ROOT / ".." / "shared" / "datasets"),
     )
     parser.add_argument("--workdir", help="keep the project copy here (reused on the next run)")
     parser.add_argument("--proxy", choices=["banking77"], help="held-out-intent proxy instead of CLINC150")
@@ -165,22 +142,18 @@ def main() -> None:
     )
     parser.add_argument("-S", dest="overrides", action="append", default=[], help="extra Hydra override")
     args = parser.parse_args()
-    bin_dir = str(Path(sys.executable).parent)
-    env = dict(
-        os.environ,
-        INTENTOPS_DATA_MIRROR=str(Path(args.mirror).resolve()),
-        PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
-        WANDB_MODE="disabled",
-    )
+    env = tool_env({MIRROR_ENV: str(Path(args.mirror).resolve()), "WANDB_MODE": "disabled"})
+    env.pop(PARAMS_ENV, None)  # the copy reads its own params.yaml
     data = ["data=banking77"] if args.proxy else ["data=clinc150"]
     if not args.proxy and args.experiment != "none":
         data.append(f"+experiment={args.experiment}")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="intentops-oos-") as tmp:
         work = Path(args.workdir).resolve() if args.workdir else Path(tmp) / "project"
-        sync_project(work, env, [*data, f"seed={args.seed}", *args.overrides])
+        create_project(work, ["logger=none", *data, f"seed={args.seed}", *args.overrides], root=ROOT, env=env)
         if args.proxy and args.data_from:  # reuse another project's split and embeddings (read only)
-            for rel in ("data/processed", "data/embeddings", "data/interim"):
+            paths = load_params(work / "params.yaml").paths
+            for rel in (paths.processed_dir, paths.embeddings_dir, str(Path(paths.taxonomy).parent)):
                 shutil.copytree(Path(args.data_from) / rel, work / rel, dirs_exist_ok=True)
         else:
             for stage in PREP:
@@ -196,18 +169,10 @@ def main() -> None:
                 *args.overrides,
                 *(f"paths.{k}={v}" for k, v in PROXY_PATHS.items()),
             ]
-            sh(
-                work,
-                env,
-                sys.executable,
-                "-c",
-                "import sys; from intentops.config import write_params; "
-                "write_params('params_proxy.yaml', sys.argv[1:])",
-                *overrides,
-            )
-            penv = dict(env, INTENTOPS_PARAMS="params_proxy.yaml")
-            for module in ("train", "calibrate"):
-                sh(work, penv, sys.executable, "-m", f"intentops.{module}")
+            proxy_params = write_project_params(work, overrides, out="params_proxy.yaml")
+            penv = dict(env, **{PARAMS_ENV: str(proxy_params)})
+            for stage in ("train", "calibrate"):
+                sh(work, penv, sys.executable, "-m", f"intentops.stages.{stage}")
             extra = {
                 "dataset": "banking77-proxy",
                 "held_out": held,

@@ -23,10 +23,11 @@ import pandas as pd
 def main() -> None:
     from omegaconf import OmegaConf
 
-    from intentops.calibrate import encode_with_oos, predictor_logits, run_calibrate
     from intentops.config import load_params
+    from intentops.inference.predictor import Predictor
     from intentops.io import read_json
-    from intentops.predictor import Predictor
+    from intentops.models.labels import encode_with_oos
+    from intentops.stages.calibrate import run_calibrate
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="a project copy benchmarks/oos.py --workdir ran in")
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--targets", default="0.55,0.6,0.65,0.7")
     parser.add_argument("--memory-weights", help="comma-separated; default: the bundle's own weight")
     args = parser.parse_args()
-    from intentops.ood import EMBEDDING_METHODS
+    from intentops.inference.ood import EMBEDDING_METHODS
 
     # The sweep re-scores val/test logits only; embedding-distance methods need the train stats calibrate fits.
     unsupported = sorted(set(args.methods.split(",")) & set(EMBEDDING_METHODS))
@@ -60,7 +61,7 @@ def main() -> None:
     for weight in weights:
         if weight is not None:
             predictor.net.knn_weight = weight
-        logits = {s: predictor_logits(predictor, frames[s]["text"].tolist(), emb[s]) for s in frames}
+        logits = {s: predictor.logits(frames[s]["text"].tolist(), emb[s], batch_size=512) for s in frames}
         for method in args.methods.split(","):
             for target in map(float, args.targets.split(",")):
                 cfg = {**base, "method": method, "target": {"oos_recall": target}}

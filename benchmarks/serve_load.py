@@ -6,7 +6,7 @@ Starts everything itself (a local Ray with 2 CPUs, Serve on 127.0.0.1) and stops
 bounded by a request count and a time cap. Measures, on the same machine and bundle:
   raw   the Predictor in-process: batched throughput (sentences/s) and single-sentence latency
   echo  a no-op deployment behind the same Serve HTTP proxy and FastAPI layer, at concurrency 1 and 32
-  live  serving/app.py at concurrency 1, 8 and 32 (one text per request), then a list-of-texts client
+  live  the API (intentops.api.service) at concurrency 1, 8 and 32 (one text per request), then a list-of-texts client
 ceiling_rps = 1 / (1/echo_c32_rps + 1/raw_sents_per_s): the rate if HTTP and the model shared the
 CPU with no other loss. key=value pairs override serving user_config (e.g. batching.max_batch_size=16).
 RAY_SERVE_* variables in the environment reach every Ray process, so they apply to echo and live alike; the
@@ -94,7 +94,7 @@ def measure_raw(
     """Batched sentences/s and single-sentence latency of the Predictor in this process."""
     import torch
 
-    from intentops.predictor import Predictor
+    from intentops.inference.predictor import Predictor
 
     torch.set_num_threads(num_threads)
     predictor = Predictor.load(bundle, threads=num_threads, variant=variant)
@@ -174,7 +174,7 @@ async def load(
     }
 
 
-def echo_deployment(serve, api_models):
+def echo_deployment(serve, schemas):
     """A no-op with the app's FastAPI layer and request model: what Serve + HTTP cost without the model."""
     from fastapi import FastAPI
 
@@ -188,7 +188,7 @@ def echo_deployment(serve, api_models):
     @serve.ingress(echo_api)
     class Echo:
         @echo_api.post("/v1/predict")
-        async def predict(self, body: api_models.PredictRequest) -> dict:
+        async def predict(self, body: schemas.PredictRequest) -> dict:
             return {"predictions": [{"intent": "echo", "confidence": 1.0}]}
 
     return Echo
@@ -236,22 +236,23 @@ def main() -> None:
     from omegaconf import OmegaConf
     from ray import serve
 
-    from intentops import serve_api
+    from intentops.api import schemas, settings
+    from intentops.api.service import IntentService
     from intentops.config import load_params
     from intentops.feedback import store
 
-    os.chdir(ROOT)  # replicas import serving.app from the driver's working directory
+    os.chdir(ROOT)  # the settings' relative paths (params.yaml, bundle, store) start at the project root
     defaults = OmegaConf.to_container(load_params(ROOT / "params.yaml").serving, resolve=True)
     bundle = args.bundle or (
         "production" if (ROOT / defaults["registry_dir"] / "production").is_file() else "models/train"
     )
-    user_config = serve_api.merge_settings(
+    user_config = settings.merge_settings(
         {"bundle": bundle, **{k: v for k, v in defaults.items() if k != "bundle"}},
         parse_overrides(args.overrides),
     )
     if args.variant:
         user_config["variant"] = args.variant
-    bundle_dir, _ = serve_api.resolve_bundle(bundle, defaults["registry_dir"], ROOT)
+    bundle_dir, _ = settings.resolve_bundle(bundle, defaults["registry_dir"], ROOT)
     n = lambda k: max(1, int(k * args.scale))  # noqa: E731
 
     # The ceiling takes the better of 1 thread (what the replica uses) and every core (the model alone).
@@ -295,12 +296,12 @@ def main() -> None:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(echo_deployment(serve, serve_api).bind(), name="echo", route_prefix="/echo")
+            serve.run(echo_deployment(serve, schemas).bind(), name="echo", route_prefix="/echo")
             echo1 = asyncio.run(load(f"{base}/echo/v1/predict", 1, n(300), 30, warmup=20))
             echo32 = asyncio.run(load(f"{base}/echo/v1/predict", 32, n(1500), 30, warmup=20))
             serve.delete("echo")
 
-            service = serve_api.import_app(ROOT).IntentService.options(
+            service = IntentService.options(
                 user_config=user_config, logging_config={"encoding": "JSON", "enable_access_log": False}
             )
             serve.run(service.bind(), name="intentops", route_prefix="/")

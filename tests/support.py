@@ -1,4 +1,5 @@
-"""Test support: a small Banking77-shaped dataset the tests write themselves, and a real DVC repo."""
+"""Test support: the one fixture dataset (a small Banking77-shaped one the tests write themselves), the one set of
+overrides that shrinks the real config for it, and a real DVC repo to run the pipeline in."""
 
 from __future__ import annotations
 
@@ -6,59 +7,141 @@ import csv
 import hashlib
 import io
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from intentops.scratch import create_project, tool_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A few real Banking77 intents, each with templates × fillers, so a tiny model can actually learn them.
+# Six real Banking77 intents with paraphrase templates. A slot ({x} a filler word, {amount} a sum of money)
+# varies the wording so train, val and test differ and a tiny model can still learn every intent.
 INTENT_TEMPLATES: dict[str, list[str]] = {
     "card_arrival": [
-        "When will my {card} arrive?", "My {card} still hasn't arrived", "How long until my {card} is delivered?",
-        "I am still waiting for my {card}", "Where is my {card}? It has not come yet",
+        "when will my card {x} arrive",
+        "my new card {x} has not arrived yet",
+        "how long does the card {x} take to be delivered",
+        "still waiting for my card {x} in the post",
+        "where is my card {x}, it should have come by now",
+        "card {x} delivery is taking ages",
     ],
     "lost_or_stolen_card": [
-        "I lost my {card}", "Someone stole my {card}", "My {card} was stolen yesterday",
-        "I can't find my {card} anywhere", "Please block my {card}, it is lost",
+        "i lost my card {x}",
+        "my card {x} was stolen",
+        "someone stole my card {x} yesterday",
+        "i cannot find my card {x} anywhere",
+        "please block my card {x}, it is lost",
+        "my wallet with the card {x} got stolen",
     ],
     "exchange_rate": [
-        "What is the exchange rate for {currency}?", "How much is {currency} worth today?",
-        "Which rate do you use to convert {currency}?", "Tell me the current {currency} exchange rate",
-        "Is the {currency} rate good right now?",
+        "what exchange rate do you use {x}",
+        "how much is the euro to dollar rate {x}",
+        "what is the current exchange rate {x}",
+        "which rate do you apply for currency exchange {x}",
+        "is the exchange rate good today {x}",
+        "tell me the conversion rate {x}",
     ],
     "top_up_failed": [
-        "My top up with my {card} failed", "Why did my top-up fail?", "The top up didn't go through on my {card}",
-        "I tried to top up {amount} but it failed", "Top up of {amount} was declined",
+        "my top up failed {x}",
+        "the top-up did not go through {x}",
+        "i could not top up my account {x}",
+        "top up was declined {x}",
+        "why did my top up fail {x}",
+        "adding money to my account failed {x}",
+        "i tried to top up {amount} but it failed",
     ],
     "pin_blocked": [
-        "My PIN is blocked", "I entered the wrong PIN too many times on my {card}", "How do I unblock my PIN?",
-        "My {card} PIN got locked", "Unblock the PIN on my {card} please",
+        "my pin is blocked {x}",
+        "i entered the wrong pin too many times {x}",
+        "how do i unblock my pin {x}",
+        "my pin got locked {x}",
+        "the cash machine says my pin is blocked {x}",
+        "i need my pin unblocked {x}",
+    ],
+    "balance_not_updated_after_bank_transfer": [
+        "my balance has not updated after the bank transfer {x}",
+        "transfer arrived but balance is the same {x}",
+        "i sent money by bank transfer and my balance did not change {x}",
+        "the bank transfer is not showing in my balance {x}",
+        "why is my balance not updated after transfer {x}",
+        "my account balance still shows the old amount after the transfer {x}",
     ],
 }
 FILLERS = {
-    "card": ["card", "new card", "debit card", "visa card"],
-    "currency": ["euro", "dollar", "pound", "yen"],
+    "x": ["", "please", "today", "again", "thanks", "now", "urgently", "help", "please help", "asap"],
     "amount": ["£20", "$50", "100 euros", "£5"],
 }
 
+# The real config shrunk for the fixture: no W&B, no progress bar, few timing calls, 2 threads (CI has 2 cores),
+# and validation and split sized for six small classes. Tests add what they change (epochs, ...) after it.
+SMALL = [
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+    "train.inference_sample=16",
+    "train.num_threads=2",
+    "validate.min_examples_per_class=5",
+    "split.val_fraction=0.2",
+]
 
-def fixture_rows() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Deterministic (train, test) rows: every distinct utterance, 1 in 4 kept for test."""
-    train, test = [], []
+
+def fixture_texts() -> dict[str, list[str]]:
+    """Every distinct utterance of each intent, in template order."""
+    out = {}
     for label, templates in INTENT_TEMPLATES.items():
         texts = []
-        for t in templates:
-            slots = [k for k in FILLERS if "{" + k + "}" in t]
-            if not slots:
-                texts.append(t)
-            for k in slots:
-                texts.extend(t.format(**{k: v}) for v in FILLERS[k])
-        for i, text in enumerate(dict.fromkeys(texts)):
+        for template in templates:
+            slot = "amount" if "{amount}" in template else "x"
+            texts.extend(" ".join(template.format(**{slot: f}).split()) for f in FILLERS[slot])
+        out[label] = list(dict.fromkeys(texts))
+    return out
+
+
+def fixture_rows() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Deterministic (train, test) rows as the dataset files hold them: 1 utterance in 4 of each intent is test."""
+    train, test = [], []
+    for label, texts in fixture_texts().items():
+        for i, text in enumerate(texts):
             (test if i % 4 == 3 else train).append((text, label))
     return train, test
+
+
+def fixture_frames() -> dict[str, pd.DataFrame]:
+    """train/val/test frames (text, label, origin_split, source_id) as `split` writes them: the dataset's test
+    rows, and 1 train row in 5 of each intent held out for val."""
+    train, test = fixture_rows()
+    seen: dict[str, int] = {}
+    rows = []
+    for text, label in train:
+        seen[label] = seen.get(label, 0) + 1
+        rows.append((text, label, "train", "val" if seen[label] % 5 == 0 else "train"))
+    rows += [(text, label, "test", "test") for text, label in test]
+    df = pd.DataFrame(rows, columns=["text", "label", "origin_split", "split"])
+    df["source_id"] = [f"fixture:{i}" for i in range(len(df))]
+    return {s: g.drop(columns="split").reset_index(drop=True) for s, g in df.groupby("split")}
+
+
+def write_fixture_project(root: Path, cfg, encoder=None) -> None:
+    """Write the fixture splits, taxonomy and embeddings at cfg.paths under `root`, as `split` and `embed` would."""
+    from intentops.io import write_json, write_parquet
+    from intentops.models.encoder import load_encoder, run_embed
+
+    frames = fixture_frames()
+    for split, frame in frames.items():
+        write_parquet(root / cfg.paths[split], frame)
+    write_json(
+        root / cfg.paths.taxonomy, {"labels": list(INTENT_TEMPLATES), "oos_label": None, "source": "fixture"}
+    )
+    encoder = encoder or load_encoder(cfg.embed.model)
+    emb_dir = root / cfg.paths.embeddings_dir
+    emb_dir.mkdir(parents=True, exist_ok=True)
+    for split, frame in frames.items():
+        np.save(
+            emb_dir / f"{split}.npy",
+            run_embed(encoder, frame["text"].tolist(), layers=cfg.embed.get("layers")),
+        )
 
 
 def to_csv(rows: list[tuple[str, str]], header=("text", "category")) -> bytes:
@@ -79,7 +162,9 @@ def write_mirror(root: Path, train=None, test=None, categories=None) -> dict[str
     files = {
         "train.csv": train if train is not None else to_csv(tr),
         "test.csv": test if test is not None else to_csv(te),
-        "categories.json": categories if categories is not None else json.dumps(sorted(INTENT_TEMPLATES)).encode(),
+        "categories.json": categories
+        if categories is not None
+        else json.dumps(sorted(INTENT_TEMPLATES)).encode(),
     }
     d = root / "banking77"
     d.mkdir(parents=True, exist_ok=True)
@@ -89,21 +174,21 @@ def write_mirror(root: Path, train=None, test=None, categories=None) -> dict[str
 
 
 def fixture_overrides(shas: dict[str, str], extra: list[str] | None = None) -> list[str]:
-    """Hydra overrides that pin the fixture files' sha256 and shrink validation for 5 small classes."""
+    """SMALL, the fixture files' sha256 pins, then `extra`."""
     return [
+        *SMALL,
         f"data.files.train.sha256={shas['train.csv']}",
         f"data.files.test.sha256={shas['test.csv']}",
         f"data.taxonomy.sha256={shas['categories.json']}",
-        "validate.min_examples_per_class=5",
-        "split.val_fraction=0.2",
         *(extra or []),
     ]
 
 
-def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run a command with the venv's tools first on PATH; return the completed process."""
-    full_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **(env or {})}
-    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, env=tool_env(env), capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -111,26 +196,4 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) 
 
 def make_project(dest: Path, overrides: list[str]) -> Path:
     """A real git + DVC repo holding this project's pipeline, with params composed from conf/ plus overrides."""
-    from intentops.config import write_params
-
-    dest.mkdir(parents=True, exist_ok=True)
-    for item in ("conf", "src", "dvc.yaml", "data/external", "data/feedback/labels.csv"):
-        src = ROOT / item
-        (dest / item).parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dest / item, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(src, dest / item)
-    shutil.copy2(ROOT / ".gitignore", dest / ".gitignore")
-    run(["git", "init", "-q"], dest)
-    run(["dvc", "init", "-q"], dest)
-    shutil.copy2(ROOT / ".dvc" / "config", dest / ".dvc" / "config")
-    cwd = os.getcwd()
-    try:
-        os.chdir(dest)
-        write_params(dest / "params.yaml", overrides)
-    finally:
-        os.chdir(cwd)
-    run(["git", "add", "-A"], dest)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], dest)
-    return dest
+    return create_project(dest, overrides, root=ROOT)

@@ -14,7 +14,7 @@ def _params(args: argparse.Namespace) -> None:
     print(f"wrote {out} from conf/ (overrides: {args.overrides or 'none'})")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # long: one declaration per subcommand, read top to bottom
     parser = argparse.ArgumentParser(prog="intentops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -29,21 +29,39 @@ def build_parser() -> argparse.ArgumentParser:
         "with --retrain: 0 = no drift or a new model promoted, 11 = too few new labels, 12 = not promoted",
     )
     p.add_argument("--reference", help="reference profile (default: paths.monitoring_reference)")
-    p.add_argument("--profiles", help="folder or fsspec URL of profile windows (default: paths.monitoring_profiles)")
-    p.add_argument("--last-n", type=int, help="how many latest windows to merge (default: monitor.drift.last_n)")
-    p.add_argument("--dispatch", action="store_true", help="on drift, send the drift-detected repository_dispatch")
-    p.add_argument("--retrain", action="store_true",
-                   help="on drift with at least monitor.retrain.min_new_labels new reviewed labels: export them, "
-                   "dvc repro, gate, promote (and with --serve-url wait for the hot swap)")
-    p.add_argument("--serve-url", help="with --retrain: the running API (e.g. http://127.0.0.1:8000) to watch swap")
+    p.add_argument(
+        "--profiles", help="folder or fsspec URL of profile windows (default: paths.monitoring_profiles)"
+    )
+    p.add_argument(
+        "--last-n", type=int, help="how many latest windows to merge (default: monitor.drift.last_n)"
+    )
+    p.add_argument(
+        "--dispatch", action="store_true", help="on drift, send the drift-detected repository_dispatch"
+    )
+    p.add_argument(
+        "--retrain",
+        action="store_true",
+        help="on drift with at least monitor.retrain.min_new_labels new reviewed labels: export them, "
+        "dvc repro, gate, promote (and with --serve-url wait for the hot swap)",
+    )
+    p.add_argument(
+        "--serve-url", help="with --retrain: the running API (e.g. http://127.0.0.1:8000) to watch swap"
+    )
     p.set_defaults(func=_drift_check)
 
-    p = sub.add_parser("drift-reference", help="build the training vocabulary and reference profile from the split")
-    p.add_argument("--bundle", help="also profile this model bundle's outputs on val (the `profile` stage uses "
-                   "paths.bundle_dir); without it, text features only")
+    p = sub.add_parser(
+        "drift-reference", help="build the training vocabulary and reference profile from the split"
+    )
+    p.add_argument(
+        "--bundle",
+        help="also profile this model bundle's outputs on val (the `profile` stage uses "
+        "paths.bundle_dir); without it, text features only",
+    )
     p.set_defaults(func=_drift_reference)
 
-    p = sub.add_parser("label", help="label review-queue items (answers from stdin when it is not a terminal)")
+    p = sub.add_parser(
+        "label", help="label review-queue items (answers from stdin when it is not a terminal)"
+    )
     p.add_argument("--annotator", help="your name, recorded with each label")
     p.add_argument("--adjudicate", action="store_true", help="decide items without a strict majority")
     p.add_argument("--limit", type=int, help="stop after this many items")
@@ -64,13 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_queue_prune)
 
     p = sub.add_parser("rollback", help="point production back at the previous (or a named) registry version")
-    p.add_argument("--to", metavar="VERSION", help="the version to restore (default: the one before the current)")
+    p.add_argument(
+        "--to", metavar="VERSION", help="the version to restore (default: the one before the current)"
+    )
     p.set_defaults(func=_rollback)
 
     p = sub.add_parser("registry", help="the model registry (paths.registry_dir)")
     reg_sub = p.add_subparsers(dest="registry_command", required=True)
-    reg_sub.add_parser("list", help="versions, the production one marked, and the promotion history").set_defaults(
-        func=_registry_list)
+    reg_sub.add_parser(
+        "list", help="versions, the production one marked, and the promotion history"
+    ).set_defaults(func=_registry_list)
     return parser
 
 
@@ -80,10 +101,20 @@ def _drift_check(args: argparse.Namespace) -> None:
     from intentops.monitor import drift
 
     if args.serve_url and not args.retrain:
-        raise UserError("--serve-url only applies with --retrain", where="intentops drift-check --serve-url",
-                        fix="add --retrain, or drop --serve-url")
-    drift.main(load_params(), reference=args.reference, profiles=args.profiles, last_n=args.last_n,
-               dispatch=args.dispatch, retrain=args.retrain, serve_url=args.serve_url)
+        raise UserError(
+            "--serve-url only applies with --retrain",
+            where="intentops drift-check --serve-url",
+            fix="add --retrain, or drop --serve-url",
+        )
+    drift.main(
+        load_params(),
+        reference=args.reference,
+        profiles=args.profiles,
+        last_n=args.last_n,
+        dispatch=args.dispatch,
+        retrain=args.retrain,
+        serve_url=args.serve_url,
+    )
 
 
 def _drift_reference(args: argparse.Namespace) -> None:
@@ -91,8 +122,14 @@ def _drift_reference(args: argparse.Namespace) -> None:
     from intentops.monitor.profiles import write_reference
 
     p = load_params()
-    write_reference(p.paths.train, p.paths.val, p.paths.monitoring_vocab, p.paths.monitoring_reference,
-                    int(p.monitor.features.vocab_min_count), args.bundle)
+    write_reference(
+        p.paths.train,
+        p.paths.val,
+        p.paths.monitoring_vocab,
+        p.paths.monitoring_reference,
+        int(p.monitor.features.vocab_min_count),
+        args.bundle,
+    )
     print(f"wrote {p.paths.monitoring_vocab} and {p.paths.monitoring_reference}")
 
 
@@ -126,7 +163,7 @@ def _queue_prune(args: argparse.Namespace) -> None:
 
 def _rollback(args: argparse.Namespace) -> None:
     from intentops.config import load_params
-    from intentops.registry import Registry
+    from intentops.inference.registry import Registry
 
     registry = Registry.at(load_params().paths.registry_dir)
     before = registry.production()
@@ -135,7 +172,7 @@ def _rollback(args: argparse.Namespace) -> None:
 
 def _registry_list(args: argparse.Namespace) -> None:
     from intentops.config import load_params
-    from intentops.registry import Registry
+    from intentops.inference.registry import Registry
 
     registry = Registry.at(load_params().paths.registry_dir)
     production = registry.production()
@@ -144,7 +181,9 @@ def _registry_list(args: argparse.Namespace) -> None:
     if production and production not in registry.versions():
         print(f"! production {production} is not present locally")
     for event in registry.history():
-        print(f"  {event['time']}  {event['event']:<8} {event['version']}  (was {event['previous']}): {event['reason']}")
+        print(
+            f"  {event['time']}  {event['event']:<8} {event['version']}  (was {event['previous']}): {event['reason']}"
+        )
 
 
 @cli_entry

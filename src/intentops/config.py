@@ -10,6 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 from intentops.errors import UserError
 
 PARAMS_ENV = "INTENTOPS_PARAMS"
+# The API key(s) the HTTP API requires, comma-separated (a rotation accepts old and new); unset = no auth.
+API_KEY_ENV = "INTENTOPS_API_KEY"
 DEFAULT_PARAMS = "params.yaml"
 
 

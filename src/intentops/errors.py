@@ -41,7 +41,9 @@ class DataValidationError(UserError):
 
 def setup_logging(level: int = logging.INFO) -> None:
     """Configure root logging for a command-line entry point (never at import time)."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
 
 
 def cli_entry(fn: Callable[..., Any]) -> Callable[..., Any]:

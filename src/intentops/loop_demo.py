@@ -18,6 +18,7 @@ Progress goes to stdout; the LAST line is JSON: acc_before, acc_after, acc_oracl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -25,7 +26,6 @@ import random
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -37,19 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from intentops.errors import UserError, cli_entry
+from intentops.io import read_json
 from intentops.monitor.retrain import stages_run
+from intentops.scratch import create_project, tool_env, write_project_params
 
 ANNOTATORS = ("ann", "bob", "cy")
-# What the temporary project needs from this one: the pipeline, its config and code, the Serve app.
-PROJECT_ITEMS = (
-    "conf",
-    "src",
-    "dvc.yaml",
-    "serving",
-    "data/external",
-    "data/feedback/labels.csv",
-    ".gitignore",
-)
+ORACLE_STEP = "oracle: all intents, same pipeline, shared DVC cache"
 
 
 @dataclass
@@ -102,17 +95,17 @@ class Progress:
 
 
 def _env(mirror: str | None) -> dict[str, str]:
-    bin_dir = str(Path(sys.executable).parent)
-    env = {
-        **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-        "WANDB_MODE": "offline",
-    }
-    env.pop("INTENTOPS_PARAMS", None)
-    env.pop("INTENTOPS_DB_URL", None)  # the demo's queue is the project's own SQLite file
+    """The environment the demo's commands run with: the venv's tools, W&B offline, the projects' own queue."""
+    from intentops.config import PARAMS_ENV
+    from intentops.data.sources import MIRROR_ENV
+    from intentops.feedback.store import DB_URL_ENV
+
+    env = tool_env({"WANDB_MODE": "offline"})
+    env.pop(PARAMS_ENV, None)  # each demo project reads its own params.yaml
+    env.pop(DB_URL_ENV, None)  # the demo's queue is the project's own SQLite file
     if mirror:
         # The demo projects live in a temp dir: a relative local mirror (../shared/datasets) must not move with them.
-        env["INTENTOPS_DATA_MIRROR"] = mirror if "://" in mirror else str(Path(mirror).resolve())
+        env[MIRROR_ENV] = mirror if "://" in mirror else str(Path(mirror).resolve())
     return env
 
 
@@ -149,46 +142,6 @@ def _run(
     return code, out
 
 
-def create_project(
-    dest: Path, root: Path, overrides: list[str], cache_dir: Path, env: dict[str, str]
-) -> Path:
-    """A git + DVC repo with this project's pipeline, params composed from conf/ + overrides, a shared cache."""
-    dest.mkdir(parents=True)
-    for item in PROJECT_ITEMS:
-        src = root / item
-        (dest / item).parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dest / item, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        elif src.is_file():
-            shutil.copy2(src, dest / item)
-    git = ["git", "-c", "user.name=loop-demo", "-c", "user.email=loop-demo@localhost"]
-    _run(["git", "init", "-q"], dest, env)
-    _run(["dvc", "init", "-q"], dest, env)
-    shutil.copy2(root / ".dvc" / "config", dest / ".dvc" / "config")
-    _run(["dvc", "cache", "dir", "--local", str(cache_dir)], dest, env)
-    write_project_params(dest, overrides)
-    _run([*git, "add", "-A"], dest, env)
-    _run([*git, "commit", "-qm", "loop-demo project"], dest, env)
-    return dest
-
-
-def write_project_params(project: Path, overrides: list[str]) -> None:
-    from intentops.config import write_params
-
-    with _chdir(project):
-        write_params(project / "params.yaml", overrides)
-
-
-@contextmanager
-def _chdir(path: Path):
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
 def choose_holdout(labels: Sequence[str], k: int, seed: int) -> list[str]:
     """K labels picked with `seed` (sorted, so the choice does not depend on the taxonomy's order)."""
     if not 0 < k < len(labels):
@@ -211,20 +164,19 @@ def serve_project(project: Path, log: Callable[[str], None]):
     import ray
     from ray import serve
 
-    from intentops.serve_api import import_app
+    from intentops.api.service import IntentService
+    from intentops.api.settings import ROOT_ENV
 
     port = free_port()
-    with _chdir(project):  # replicas import serving.app from the driver's working directory
+    with contextlib.chdir(project):  # Ray's job (and the replicas' relative paths) start in the project
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            service = import_app(project).IntentService.options(
+            service = IntentService.options(
                 user_config={"watch_interval_s": 1.0, "monitoring": {"flush_s": 1.0}},
                 ray_actor_options={
                     "num_cpus": 1,
-                    "runtime_env": {
-                        "env_vars": {"INTENTOPS_ROOT": str(project), "WHYLOGS_NO_ANALYTICS": "True"}
-                    },
+                    "runtime_env": {"env_vars": {ROOT_ENV: str(project), "WHYLOGS_NO_ANALYTICS": "True"}},
                 },
                 logging_config={"encoding": "JSON", "enable_access_log": False},
             )
@@ -282,7 +234,7 @@ def scripted_annotation(project: Path, gold: dict[str, str], per_intent: int) ->
     from intentops.feedback import store
     from intentops.feedback.label import main_label
 
-    with _chdir(project):
+    with contextlib.chdir(project):
         params = load_params()
         engine = store.engine_from_params(params)
         try:
@@ -311,36 +263,63 @@ def scripted_annotation(project: Path, gold: dict[str, str], per_intent: int) ->
     }
 
 
-def run_loop(
-    work: Path, cfg: LoopConfig, mirror: str | None, root: Path, log: Progress | None = None
-) -> dict[str, Any]:
-    """Run steps 1-7 (and the oracle) under `work`; returns the result record."""
+@dataclass
+class Demo:
+    """What every step of one run shares: its config, where it runs, and how it reports."""
+
+    cfg: LoopConfig
+    root: Path
+    work: Path
+    env: dict[str, str]
+    log: Progress
+    cache_dir: Path = field(init=False)
+    base: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cache_dir = Path(self.cfg.cache_dir or self.work / "dvc-cache").resolve()
+        # Overrides of both projects; min_new_labels only when the caller's overrides leave it alone.
+        self.base = [*self.cfg.overrides, f"monitor.profiles.window_max_rows={self.cfg.window_rows}"]
+        if not any(o.startswith("monitor.retrain.min_new_labels=") for o in self.cfg.overrides):
+            self.base.append(f"monitor.retrain.min_new_labels={self.cfg.min_new_labels}")
+
+    def project(self, name: str) -> tuple[Path, Any]:
+        """A scratch project `name` under the work dir with the base overrides; (its root, its params.paths)."""
+        from intentops.config import load_params
+
+        project = create_project(
+            self.work / name, self.base, root=self.root, cache_dir=self.cache_dir, env=self.env
+        )
+        return project, load_params(project / "params.yaml").paths
+
+    def run(self, project: Path, *cmd: str, ok: Sequence[int] = (0,)) -> tuple[int, str]:
+        """Run a command in `project`, its interesting lines logged."""
+        return _run(cmd, project, self.env, self.log, ok=ok)
+
+
+def train_with_holdout(demo: Demo) -> tuple[Path, Any, list[str], dict[str, Any]]:
+    """Step 1: the loop project, trained by `dvc repro` with K intents held out; (project, paths, held, result)."""
+    from intentops.data.taxonomy import Taxonomy
+
+    project, paths = demo.project("loop")
+    demo.run(project, "dvc", "repro", "validate")
+    cfg = demo.cfg
+    held = sorted(cfg.holdout) or choose_holdout(
+        Taxonomy.read(project / paths.taxonomy).labels, cfg.k, cfg.seed
+    )
+    demo.log(f"holding out {len(held)} intent(s): {held}")
+    write_project_params(project, [*demo.base, f"split.holdout_intents=[{','.join(held)}]"])
+    _, out = demo.run(project, "dvc", "repro")
+    _run(["intentops", "db", "upgrade"], project, demo.env)
+    return project, paths, held, {"before_stages": stages_run(out)}
+
+
+def shifted_traffic(project: Path, paths: Any, held: Sequence[str], cfg: LoopConfig):
+    """(test split, pool): the pool holds, per held-out intent, at most cfg.pool_per_intent of its dataset
+    utterances from outside the test split (training never saw them: the intent was held out)."""
     import pandas as pd
 
-    from intentops.monitor.profiles import list_windows
-
-    log = log or Progress()
-    env = _env(mirror)
-    cache_dir = Path(cfg.cache_dir or work / "dvc-cache").resolve()
-    base = [*cfg.overrides, f"monitor.profiles.window_max_rows={cfg.window_rows}"]
-    if not any(o.startswith("monitor.retrain.min_new_labels=") for o in cfg.overrides):
-        base.append(f"monitor.retrain.min_new_labels={cfg.min_new_labels}")
-    t_loop = time.perf_counter()
-    result: dict[str, Any] = {}
-
-    with log.step("1. train with intents held out"):
-        project = create_project(work / "loop", root, base, cache_dir, env)
-        _run(["dvc", "repro", "validate"], project, env, log)
-        labels = json.loads((project / "data/interim/taxonomy.json").read_text())["labels"]
-        held = sorted(cfg.holdout) or choose_holdout(labels, cfg.k, cfg.seed)
-        log(f"holding out {len(held)} intent(s): {held}")
-        write_project_params(project, [*base, f"split.holdout_intents=[{','.join(held)}]"])
-        _, out = _run(["dvc", "repro"], project, env, log)
-        result["before_stages"] = stages_run(out)
-        _run(["intentops", "db", "upgrade"], project, env)
-
-    test = pd.read_parquet(project / "data/processed/test.parquet")
-    canonical = pd.read_parquet(project / "data/interim/canonical.parquet")
+    test = pd.read_parquet(project / paths.test)
+    canonical = pd.read_parquet(project / paths.canonical)
     test_keys = set(test["text"].str.casefold())
     unseen = canonical[
         canonical["label"].isin(held)
@@ -348,102 +327,132 @@ def run_loop(
         & ~canonical["text"].str.casefold().isin(test_keys)
     ].drop_duplicates("text")
     pool = unseen.sample(frac=1, random_state=cfg.seed).groupby("label").head(cfg.pool_per_intent)
-    gold = dict(zip(pool["text"], pool["label"], strict=True))
-    profiles = project / "data/monitoring/profiles"
+    return test, pool
 
-    with serve_project(project, log) as url:
-        with log.step("2-3. replay shifted traffic over HTTP"):
-            traffic = pd.concat([test[["text", "label"]], pool[["text", "label"]]]).sample(
-                frac=1, random_state=cfg.seed
-            )
-            preds = replay(url, traffic["text"].tolist())
-            for _ in range(cfg.replay_repeats - 1):
-                replay(url, traffic["text"].tolist())
-            by_text = {t: p["intent"] for t, p in zip(traffic["text"], preds, strict=True)}
-            result["acc_before"] = accuracy([by_text[t] for t in test["text"]], test["label"].tolist())
-            result["acc_before_heldout"] = accuracy(
-                [by_text[t] for t in test.loc[test["label"].isin(held), "text"]],
-                test.loc[test["label"].isin(held), "label"].tolist(),
-            )
-            result["model_before"] = preds[0]["model_version"]
-            result["needs_review_share"] = round(sum(p["needs_review"] for p in preds) / len(preds), 4)
-            windows = wait_for_windows(profiles, cfg.replay_repeats * len(traffic) // cfg.window_rows)
-            log(
-                f"{len(traffic)} texts ({len(test)} test + {len(pool)} unseen of held-out intents); "
-                f"acc_before {result['acc_before']:.4f}; {windows} closed profile window(s)"
-            )
 
-        with log.step("4. drift-check"):
-            code, out = _run(
-                ["intentops", "drift-check", "--last-n", str(windows)], project, env, log, ok=(0, 10)
-            )
-            report = json.loads((project / "reports/drift/report.json").read_text())
-            result["drift_exit_code"] = code
-            result["drifted_features"] = report["drifted_features"]
-            result["drift_report"] = str(project / "reports/drift/report.html")
-            result["drift_plot"] = str(project / "reports/drift/drift.png")
-            log(
-                f"drift-check exit {code}; drifted: {report['drifted_features']}; report: {result['drift_report']}"
-            )
-            if code != 10:
-                raise UserError(
-                    "drift-check found no drift in the shifted traffic",
-                    where=result["drift_report"],
-                    fix="hold out more intents (--k) or check the thresholds in conf/monitor/default.yaml",
-                )
+def replay_shifted(demo: Demo, url: str, test, pool, held: Sequence[str], profiles: Path) -> dict[str, Any]:
+    """Steps 2-3: replay test + pool over HTTP (cfg.replay_repeats times); accuracy before and closed windows."""
+    import pandas as pd
 
-        with log.step("5. scripted annotators label the queue"):
+    cfg = demo.cfg
+    traffic = pd.concat([test[["text", "label"]], pool[["text", "label"]]]).sample(
+        frac=1, random_state=cfg.seed
+    )
+    preds = replay(url, traffic["text"].tolist())
+    for _ in range(cfg.replay_repeats - 1):
+        replay(url, traffic["text"].tolist())
+    by_text = {t: p["intent"] for t, p in zip(traffic["text"], preds, strict=True)}
+    held_test = test.loc[test["label"].isin(held)]
+    result = {
+        "acc_before": accuracy([by_text[t] for t in test["text"]], test["label"].tolist()),
+        "acc_before_heldout": accuracy([by_text[t] for t in held_test["text"]], held_test["label"].tolist()),
+        "model_before": preds[0]["model_version"],
+        "needs_review_share": round(sum(p["needs_review"] for p in preds) / len(preds), 4),
+        "windows": wait_for_windows(profiles, cfg.replay_repeats * len(traffic) // cfg.window_rows),
+    }
+    demo.log(
+        f"{len(traffic)} texts ({len(test)} test + {len(pool)} unseen of held-out intents); "
+        f"acc_before {result['acc_before']:.4f}; {result['windows']} closed profile window(s)"
+    )
+    return result
+
+
+def check_drift(demo: Demo, project: Path, paths: Any, windows: int) -> dict[str, Any]:
+    """Step 4: `intentops drift-check` over the replayed windows must find drift."""
+    from intentops.monitor.drift import DRIFT_EXIT_CODE
+
+    code, _ = demo.run(project, "intentops", "drift-check", "--last-n", str(windows), ok=(0, DRIFT_EXIT_CODE))
+    report = read_json(project / paths.drift_report)
+    result = {
+        "drift_exit_code": code,
+        "drifted_features": report["drifted_features"],
+        "drift_report": str(project / paths.drift_html),
+        "drift_plot": str(project / paths.drift_plot),
+    }
+    demo.log(
+        f"drift-check exit {code}; drifted: {report['drifted_features']}; report: {result['drift_report']}"
+    )
+    if code != DRIFT_EXIT_CODE:
+        raise UserError(
+            "drift-check found no drift in the shifted traffic",
+            where=result["drift_report"],
+            fix="hold out more intents (--k) or check the thresholds in conf/monitor/default.yaml",
+        )
+    return result
+
+
+def retrain_and_swap(demo: Demo, project: Path, paths: Any, windows: int, url: str) -> dict[str, Any]:
+    """Step 6: `intentops drift-check --retrain --serve-url`; what its report says of the retrain."""
+    demo.run(project, "intentops", "drift-check", "--last-n", str(windows), "--retrain", "--serve-url", url)
+    retrain = read_json(project / paths.drift_report)["retrain"]
+    keys = ("new_labels", "exported_rows", "repro_seconds", "production_before", "production_after")
+    summary = {k: retrain[k] for k in keys}
+    summary["swap_seconds"] = retrain.get("swap_seconds")
+    summary["gate_reasons"] = retrain["gate"].get("reasons")
+    return {"retrain": summary, "after_stages": retrain.get("stages")}
+
+
+def replay_test(demo: Demo, url: str, test, held: Sequence[str]) -> dict[str, Any]:
+    """Step 7: replay the test split again; accuracy after, overall and on the held-out intents."""
+    preds = replay(url, test["text"].tolist())
+    mask = test["label"].isin(held).to_numpy()
+    result = {
+        "acc_after": accuracy([p["intent"] for p in preds], test["label"].tolist()),
+        "acc_after_heldout": accuracy(
+            [p["intent"] for p, m in zip(preds, mask, strict=True) if m], test.loc[mask, "label"].tolist()
+        ),
+        "model_after": preds[0]["model_version"],
+    }
+    demo.log(f"acc_after {result['acc_after']:.4f} from {result['model_after']}")
+    return result
+
+
+def build_oracle(demo: Demo, test) -> dict[str, Any]:
+    """The oracle: a second project (shared DVC cache) trained on all intents; its accuracy on the same test."""
+    from intentops.inference.predictor import Predictor
+
+    oracle, paths = demo.project("oracle")
+    _, out = demo.run(oracle, "dvc", "repro", "export")
+    predicted = [
+        p["intent"] for p in Predictor.load(oracle / paths.bundle_dir).predict(test["text"].tolist())
+    ]
+    return {"oracle_stages": stages_run(out), "acc_oracle": accuracy(predicted, test["label"].tolist())}
+
+
+def run_loop(
+    work: Path, cfg: LoopConfig, mirror: str | None, root: Path, log: Progress | None = None
+) -> dict[str, Any]:
+    """Run steps 1-7 (and the oracle) under `work`; returns the result record."""
+    from intentops.monitor.profiles import list_windows
+
+    demo = Demo(cfg, root, work, _env(mirror), log or Progress())
+    t_loop = time.perf_counter()
+    with demo.log.step("1. train with intents held out"):
+        project, paths, held, result = train_with_holdout(demo)
+    test, pool = shifted_traffic(project, paths, held, cfg)
+    profiles = project / paths.monitoring_profiles
+    with serve_project(project, demo.log) as url:
+        with demo.log.step("2-3. replay shifted traffic over HTTP"):
+            replayed = replay_shifted(demo, url, test, pool, held, profiles)
+            windows = replayed.pop("windows")
+            result.update(replayed)
+        with demo.log.step("4. drift-check"):
+            result.update(check_drift(demo, project, paths, windows))
+        with demo.log.step("5. scripted annotators label the queue"):
+            gold = dict(zip(pool["text"], pool["label"], strict=True))
             result["annotation"] = scripted_annotation(project, gold, cfg.per_intent)
-            log(f"{result['annotation']}")
-
-        with log.step("6. drift-check --retrain (export, dvc repro, gate, promote, swap)"):
-            _run(
-                ["intentops", "drift-check", "--last-n", str(windows), "--retrain", "--serve-url", url],
-                project,
-                env,
-                log,
-            )
-            report = json.loads((project / "reports/drift/report.json").read_text())
-            retrain = report["retrain"]
-            result["retrain"] = {
-                k: retrain[k]
-                for k in (
-                    "new_labels",
-                    "exported_rows",
-                    "repro_seconds",
-                    "production_before",
-                    "production_after",
-                )
-            }
-            result["retrain"]["swap_seconds"] = retrain.get("swap_seconds")
-            result["retrain"]["gate_reasons"] = retrain["gate"].get("reasons")
-            result["after_stages"] = retrain.get("stages")
-
-        with log.step("7. replay the test traffic again"):
-            preds = replay(url, test["text"].tolist())
-            result["acc_after"] = accuracy([p["intent"] for p in preds], test["label"].tolist())
-            mask = test["label"].isin(held).to_numpy()
-            result["acc_after_heldout"] = accuracy(
-                [p["intent"] for p, m in zip(preds, mask, strict=True) if m], test.loc[mask, "label"].tolist()
-            )
-            result["model_after"] = preds[0]["model_version"]
-            log(f"acc_after {result['acc_after']:.4f} from {result['model_after']}")
+            demo.log(f"{result['annotation']}")
+        with demo.log.step("6. drift-check --retrain (export, dvc repro, gate, promote, swap)"):
+            result.update(retrain_and_swap(demo, project, paths, windows, url))
+        with demo.log.step("7. replay the test traffic again"):
+            result.update(replay_test(demo, url, test, held))
     result["loop_seconds"] = round(time.perf_counter() - t_loop, 1)
     result["profile_windows"] = len(list_windows(str(profiles)))
-
     if cfg.oracle:
-        with log.step("oracle: all intents, same pipeline, shared DVC cache"):
-            oracle = create_project(work / "oracle", root, base, cache_dir, env)
-            _, out = _run(["dvc", "repro", "export"], oracle, env, log)
-            result["oracle_stages"] = stages_run(out)
-            from intentops.predictor import Predictor
-
-            predicted = [
-                p["intent"] for p in Predictor.load(oracle / "models/bundle").predict(test["text"].tolist())
-            ]
-            result["acc_oracle"] = accuracy(predicted, test["label"].tolist())
-        result["oracle_seconds"] = log.marks["oracle: all intents, same pipeline, shared DVC cache"]
-    result.update(held_out=held, k=len(held), per_intent=cfg.per_intent, steps_seconds=dict(log.marks))
+        with demo.log.step(ORACLE_STEP):
+            result.update(build_oracle(demo, test))
+        result["oracle_seconds"] = demo.log.marks[ORACLE_STEP]
+    result.update(held_out=held, k=len(held), per_intent=cfg.per_intent, steps_seconds=dict(demo.log.marks))
     return result
 
 
@@ -472,9 +481,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def keep_reports(result: dict[str, Any], keep_dir: Path) -> None:
+    """Copy the drift report and figure, and write result.json, to `keep_dir` (they outlive the temp projects)."""
+    keep_dir.mkdir(parents=True, exist_ok=True)
+    for key in ("drift_report", "drift_plot"):
+        src = Path(result[key])
+        shutil.copy2(src, keep_dir / src.name)
+        result[key] = str((keep_dir / src.name).resolve())
+    (keep_dir / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
-    from intentops.config import repo_root
+    from intentops.config import load_params, repo_root
+    from intentops.data.sources import MIRROR_ENV
 
     args = build_parser().parse_args(argv)
     cfg = LoopConfig(
@@ -493,19 +513,11 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     log = Progress()
     log(f"work dir {work}; K={cfg.k}, per_intent={cfg.per_intent}, overrides={cfg.overrides}")
-    result = run_loop(work, cfg, os.environ.get("INTENTOPS_DATA_MIRROR"), repo_root(), log)
+    root = repo_root()
+    result = run_loop(work, cfg, os.environ.get(MIRROR_ENV), root, log)
     if cfg.oracle:
         result["gap_to_oracle"] = round(result["acc_oracle"] - result["acc_after"], 4)
-    # The drift report outlives the temporary projects: copied to paths.loop_demo_dir of this project.
-    from intentops.config import load_params
-
-    keep_dir = Path(load_params(repo_root() / "params.yaml").paths.loop_demo_dir)
-    keep_dir.mkdir(parents=True, exist_ok=True)
-    for key in ("drift_report", "drift_plot"):
-        src = Path(result[key])
-        shutil.copy2(src, keep_dir / src.name)
-        result[key] = str((keep_dir / src.name).resolve())
-    (keep_dir / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    keep_reports(result, root / load_params(root / "params.yaml").paths.loop_demo_dir)
     print(f"drift report: {result['drift_report']} (figure {result['drift_plot']})", flush=True)
     print(json.dumps(result, default=str), flush=True)
     if not args.keep:

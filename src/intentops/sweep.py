@@ -26,7 +26,7 @@ def trial(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import get_original_cwd
 
-    from intentops.train import train_from_config
+    from intentops.training import train_from_config
 
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
@@ -43,12 +43,22 @@ def summarise(sweep_dir: Path) -> dict:
     trials = []
     for path in sorted(sweep_dir.glob("*/metrics.json")):
         m = read_json(path)
-        trials.append({"trial": path.parent.name, "overrides": m.get("overrides", []),
-                       "val_accuracy": m["val"]["accuracy"], "test_accuracy": m["test"]["accuracy"],
-                       "bundle": str(path.parent / "model")})
+        trials.append(
+            {
+                "trial": path.parent.name,
+                "overrides": m.get("overrides", []),
+                "val_accuracy": m["val"]["accuracy"],
+                "test_accuracy": m["test"]["accuracy"],
+                "bundle": str(path.parent / "model"),
+            }
+        )
     trials.sort(key=lambda t: -t["val_accuracy"])
-    return {"objective": "/".join(OBJECTIVE), "n_trials": len(trials), "best": trials[0] if trials else None,
-            "trials": trials}
+    return {
+        "objective": "/".join(OBJECTIVE),
+        "n_trials": len(trials),
+        "best": trials[0] if trials else None,
+        "trials": trials,
+    }
 
 
 class SweepSummary(Callback):
@@ -59,8 +69,13 @@ class SweepSummary(Callback):
         summary = summarise(sweep_dir)
         write_json(sweep_dir / "summary.json", summary)
         if summary["best"]:
-            log.info("sweep: best of %d trials is %s (val accuracy %.4f); %s", summary["n_trials"],
-                     summary["best"]["overrides"], summary["best"]["val_accuracy"], sweep_dir / "summary.json")
+            log.info(
+                "sweep: best of %d trials is %s (val accuracy %.4f); %s",
+                summary["n_trials"],
+                summary["best"]["overrides"],
+                summary["best"]["val_accuracy"],
+                sweep_dir / "summary.json",
+            )
 
 
 def main() -> None:

@@ -5,12 +5,23 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from intentops.validate import build_suites, class_counts, derive_row_checks, failure_message, run_validation
+from intentops.stages.validate import (
+    build_suites,
+    class_counts,
+    derive_row_checks,
+    failure_message,
+    run_validation,
+)
 from support import INTENT_TEMPLATES, fixture_rows
 
 LABELS = sorted(INTENT_TEMPLATES)
-PARAMS = SimpleNamespace(text_min_chars=2, text_max_chars=200, min_examples_per_class=5,
-                         imbalance_ratio_warn=10.0, fail_on_leakage=False)
+PARAMS = SimpleNamespace(
+    text_min_chars=2,
+    text_max_chars=200,
+    min_examples_per_class=5,
+    imbalance_ratio_warn=10.0,
+    fail_on_leakage=False,
+)
 
 
 def canonical(mutate=None) -> pd.DataFrame:
@@ -32,7 +43,10 @@ def test_clean_fixture_passes_and_data_docs_list_every_expectation(tmp_path):
     assert summary["expectations"] == len(summary["results"]) >= 14
     html = "".join(p.read_text(errors="ignore") for p in (tmp_path / "docs" / "validations").rglob("*.html"))
     for r in summary["results"]:
-        assert r["expectation"].replace("expect_", "") in html.replace(" ", "_").lower() or r["description"] in html, r
+        assert (
+            r["expectation"].replace("expect_", "") in html.replace(" ", "_").lower()
+            or r["description"] in html
+        ), r
     assert (tmp_path / "docs" / "index.html").is_file()
 
 
@@ -46,10 +60,24 @@ def _set(df, i, **cols):
     "name, mutate, labels, failing",
     [
         ("blank text", lambda d: _set(d, 3, text="   "), LABELS, "text is not blank"),
-        ("unknown label", lambda d: _set(d, 4, label="card_arival"), LABELS, "labels are within the taxonomy"),
-        ("conflicting labels", lambda d: _set(d, 5, text=d.loc[6, "text"].upper(), label="exchange_rate"),
-         LABELS, "no conflicting labels"),
-        ("taxonomy lists a class with no data", None, [*LABELS, "refund_not_showing_up"], "training examples"),
+        (
+            "unknown label",
+            lambda d: _set(d, 4, label="card_arival"),
+            LABELS,
+            "labels are within the taxonomy",
+        ),
+        (
+            "conflicting labels",
+            lambda d: _set(d, 5, text=d.loc[6, "text"].upper(), label="exchange_rate"),
+            LABELS,
+            "no conflicting labels",
+        ),
+        (
+            "taxonomy lists a class with no data",
+            None,
+            [*LABELS, "refund_not_showing_up"],
+            "training examples",
+        ),
         ("text too long", lambda d: _set(d, 2, text="x" * 500), LABELS, "text length"),
     ],
 )

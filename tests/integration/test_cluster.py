@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -57,7 +56,8 @@ class Cluster:
         A process is this cluster's when its command line or one of its open files is under the temp dir:
         Ray renames its agents and workers (`ray::RuntimeEnvAgent`), but their stdout/stderr are log files there.
         """
-        root, out, spare = str(self.temp_root), [], _ancestors()  # a driver (this test) holds Ray log files too
+        # a driver (this test) holds Ray log files too
+        root, out, spare = str(self.temp_root), [], _ancestors()
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit() or int(proc.name) in spare:
                 continue
@@ -102,11 +102,39 @@ def _link(path: Path) -> str:
 def ray_start(args: list[str], temp_dir: Path) -> None:
     env = {**os.environ, "PATH": f"{RAY.parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
     # Every port a node would otherwise take from a fixed default (10001, 52365, ...) is a free one.
-    cmd = [str(RAY), "start", *args, "--node-ip-address=127.0.0.1", "--num-cpus=1", f"--temp-dir={temp_dir}",
-           f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-           "--object-store-memory=100000000", "--disable-usage-stats", "--log-style=record"]
+    cmd = [
+        str(RAY),
+        "start",
+        *args,
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=1",
+        f"--temp-dir={temp_dir}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        "--object-store-memory=100000000",
+        "--disable-usage-stats",
+        "--log-style=record",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def use_default_auth_token(mp: pytest.MonkeyPatch) -> None:
+    """Token auth for this cluster's nodes and drivers, with Ray's default token (~/.ray/auth_token).
+
+    Ray 2.60 turns token auth on for a head when ~/.ray/auth_token exists (and for every new local `ray.init()`,
+    which writes that file), but not for a joining node, which is then refused: RAY_AUTH_MODE=token turns it on
+    everywhere. The token is the default file's, made by `ray get-auth-token --generate` when missing, not one of
+    this test's own: Ray caches the token for the whole process, and a later `ray.init` in this pytest process
+    (tests/integration/test_loop.py) starts a head that reads the same file, so its driver's token still matches.
+    """
+    proc = subprocess.run(
+        [str(RAY), "get-auth-token", "--generate"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mp.setenv("RAY_AUTH_MODE", "token")
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        mp.delenv(var, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -117,33 +145,51 @@ def cluster():
     port = free_port()
     c = Cluster(f"127.0.0.1:{port}", temp_root)
     with pytest.MonkeyPatch.context() as mp:
-        # Ray 2.60 turns token auth on for a head when ~/.ray/auth_token exists, but not for a joining node,
-        # which is then refused: one explicit token for this cluster's nodes, drivers and sweep instead.
-        mp.setenv("RAY_AUTH_MODE", "token")
-        mp.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
-        mp.delenv("RAY_ADDRESS", raising=False)
+        use_default_auth_token(mp)
         try:
-            ray_start(["--head", f"--port={port}", f"--ray-client-server-port={free_port()}",
-                       "--include-dashboard=false"], temp_root / "head")
+            ray_start(
+                [
+                    "--head",
+                    f"--port={port}",
+                    f"--ray-client-server-port={free_port()}",
+                    "--include-dashboard=false",
+                ],
+                temp_root / "head",
+            )
             ray_start([f"--address={c.address}", '--resources={"worker_node": 1}'], temp_root / "worker")
             yield c
         finally:
             c.stop()
             shutil.rmtree(temp_root, ignore_errors=True)
-    # Ray's C++ token loader caches that token for the whole process: drop it with the env restored, or a later
-    # ray.init in this pytest process (tests/integration/test_loop.py) starts a head that reads ~/.ray/auth_token
-    # and then refuses its own driver (InvalidAuthToken).
-    from ray._private.authentication_test_utils import reset_auth_token_state
-
-    reset_auth_token_state()
 
 
-def replicas() -> dict[str, dict]:
-    """ALIVE IntentService replica actors by actor id, from the GCS actor table (no dashboard needed)."""
-    from ray._private.state import actors
+def replicas() -> dict[int, dict]:
+    """ALIVE IntentService replicas of the connected cluster by pid, each with its node id (public means only).
 
-    return {a["ActorID"]: a for a in actors(actor_state_name="ALIVE").values()
-            if a["ActorClassName"] == REPLICA_CLASS}
+    A replica is a worker process whose title Ray sets to `ray::ServeReplica:intentops:IntentService` (with
+    `.<method>` appended while it runs a call); its parent is its node's raylet, whose `--node_id=` flag names a
+    node of `ray.nodes()`. The GCS actor table is reachable only through private Ray modules or the state API, and
+    the state API needs the dashboard, which this cluster runs without.
+    """
+    import ray
+
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            title = (proc / "cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
+            if title.split(".", 1)[0] != f"ray::{REPLICA_CLASS}":
+                continue
+            state, ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            raylet = (Path("/proc") / ppid / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        node = next((a[len(b"--node_id=") :].decode() for a in raylet if a.startswith(b"--node_id=")), None)
+        if state != "Z" and node in alive:
+            out[int(proc.name)] = {"Pid": int(proc.name), "NodeID": node}
+    return out
 
 
 def running_replicas() -> int:
@@ -166,8 +212,8 @@ def test_serve_replaces_a_killed_replica_under_load(cluster, tmp_path):
     import ray
     from ray import serve
 
+    from intentops.api.service import IntentService
     from intentops.feedback import store
-    from intentops.serve_api import import_app
 
     registry = tmp_path / "registry"
     write_tiny_bundle(registry / "v1", "v1", confident=True)
@@ -175,32 +221,42 @@ def test_serve_replaces_a_killed_replica_under_load(cluster, tmp_path):
     engine = store.make_engine(f"sqlite:///{tmp_path / 'queue.db'}")
     store.upgrade(engine)
     engine.dispose()
-    user_config = {"bundle": "production", "registry_dir": str(registry),
-                   "store": {"record_predictions": True, "db": str(tmp_path / "queue.db")},
-                   "monitoring": {"enabled": False}}
+    user_config = {
+        "bundle": "production",
+        "registry_dir": str(registry),
+        "store": {"record_predictions": True, "db": str(tmp_path / "queue.db")},
+        "monitoring": {"enabled": False},
+    }
     port = free_port()
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         wait_for(lambda: sum(n["Alive"] for n in ray.nodes()) == 2, 60, "2 alive nodes")
         # HeadOnly: a proxy per node would bind the same 127.0.0.1 port twice on this one machine.
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-        service = import_app(ROOT).IntentService.options(
-            num_replicas=2, user_config=user_config,
-            ray_actor_options={"num_cpus": 1, "runtime_env": {
-                "env_vars": {"INTENTOPS_API_KEY": KEY, "INTENTOPS_ROOT": str(ROOT)}}},
+        service = IntentService.options(
+            num_replicas=2,
+            user_config=user_config,
+            ray_actor_options={
+                "num_cpus": 1,
+                "runtime_env": {"env_vars": {"INTENTOPS_API_KEY": KEY, "INTENTOPS_ROOT": str(ROOT)}},
+            },
             logging_config={"encoding": "JSON", "enable_access_log": False},
         )
         serve.run(service.bind(), name="intentops", route_prefix="/")
         before = replicas()
         worker_node = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "worker_node" in n["Resources"])
         assert len(before) == 2 and running_replicas() == 2
-        assert len({a["Address"]["NodeID"] for a in before.values()}) == 2, "replicas share a node"
-        victim = next(a for a in before.values() if a["Address"]["NodeID"] == worker_node)
+        assert len({a["NodeID"] for a in before.values()}) == 2, "replicas share a node"
+        victim = next(a for a in before.values() if a["NodeID"] == worker_node)
 
         result = asyncio.run(load_and_kill(f"http://127.0.0.1:{port}", victim, set(before)))
         codes = result.pop("codes")
-        record = {"test": "serve_replica_kill", **result, "status_codes": dict(codes),
-                  "error_rate": round(result["errors"] / result["requests"], 5)}
+        record = {
+            "test": "serve_replica_kill",
+            **result,
+            "status_codes": dict(codes),
+            "error_rate": round(result["errors"] / result["requests"], 5),
+        }
         print(json.dumps(record))
         assert result["recovered"], record
         assert record["error_rate"] <= MAX_ERROR_RATE, record
@@ -211,7 +267,7 @@ def test_serve_replaces_a_killed_replica_under_load(cluster, tmp_path):
         ray.shutdown()
 
 
-async def load_and_kill(base: str, victim: dict, before: set[str]) -> dict:
+async def load_and_kill(base: str, victim: dict, before: set[int]) -> dict:
     """4 clients send /v1/predict; after 100 requests the victim is SIGKILLed; load runs until Serve has
     2 RUNNING replicas again (the victim gone) and 3 s more, within MAX_REQUESTS and MAX_LOAD_S."""
     codes: Counter = Counter()
@@ -230,7 +286,7 @@ async def load_and_kill(base: str, victim: dict, before: set[str]) -> dict:
 
     def recovered() -> bool:
         now = replicas()
-        return victim["ActorID"] not in now and len(now) == 2 and running_replicas() == 2
+        return victim["Pid"] not in now and len(now) == 2 and running_replicas() == 2
 
     start = time.monotonic()
     deadline = start + MAX_LOAD_S
@@ -242,7 +298,9 @@ async def load_and_kill(base: str, victim: dict, before: set[str]) -> dict:
         os.kill(victim["Pid"], signal.SIGKILL)
         killed = time.monotonic()
         back = False
-        while not back and time.monotonic() < min(deadline, killed + RECOVERY_TIMEOUT_S) and done < MAX_REQUESTS:
+        while (
+            not back and time.monotonic() < min(deadline, killed + RECOVERY_TIMEOUT_S) and done < MAX_REQUESTS
+        ):
             await asyncio.sleep(0.5)
             back = await asyncio.to_thread(recovered)  # Ray calls block: keep them off the clients' loop
         recovery_s = time.monotonic() - killed
@@ -252,23 +310,43 @@ async def load_and_kill(base: str, victim: dict, before: set[str]) -> dict:
         stop.set()
         await asyncio.gather(*tasks)
     errors = sum(n for code, n in codes.items() if code != 200)
-    return {"requests": done, "errors": errors, "requests_before_kill": at_kill,
-            "requests_after_recovery": done - at_recovery, "recovered": back,
-            "recovery_s": round(recovery_s, 1), "load_s": round(time.monotonic() - start, 1),
-            "killed_pid": victim["Pid"], "new_replicas": sorted(set(replicas()) - before), "codes": codes}
+    return {
+        "requests": done,
+        "errors": errors,
+        "requests_before_kill": at_kill,
+        "requests_after_recovery": done - at_recovery,
+        "recovered": back,
+        "recovery_s": round(recovery_s, 1),
+        "load_s": round(time.monotonic() - start, 1),
+        "killed_pid": victim["Pid"],
+        "new_replica_pids": sorted(set(replicas()) - before),
+        "codes": codes,
+    }
 
 
 def test_sweep_on_the_cluster(cluster, sweep_project, monkeypatch):
     """4 trials through `hydra/launcher=ray_cluster`, the cluster named by $RAY_ADDRESS."""
     monkeypatch.setenv("RAY_ADDRESS", cluster.address)
     start = time.monotonic()
-    summary = test_sweep.run_sweep(sweep_project, ["-m", "hydra/launcher=ray_cluster",
-                                                   "model.lr=1e-3,3e-3,1e-2,3e-2"])
-    print(json.dumps({"test": "sweep_on_cluster", "n_trials": summary["n_trials"],
-                      "sweep_s": round(time.monotonic() - start, 1)}))
+    summary = test_sweep.run_sweep(
+        sweep_project, ["-m", "hydra/launcher=ray_cluster", "model.lr=1e-3,3e-3,1e-2,3e-2"]
+    )
+    print(
+        json.dumps(
+            {
+                "test": "sweep_on_cluster",
+                "n_trials": summary["n_trials"],
+                "sweep_s": round(time.monotonic() - start, 1),
+            }
+        )
+    )
     assert summary["n_trials"] == 4
     assert {o for t in summary["trials"] for o in t["overrides"] if o.startswith("model.lr")} == {
-        "model.lr=0.001", "model.lr=0.003", "model.lr=0.01", "model.lr=0.03"}
+        "model.lr=0.001",
+        "model.lr=0.003",
+        "model.lr=0.01",
+        "model.lr=0.03",
+    }
 
 
 def test_cluster_stops_without_leftovers(cluster):

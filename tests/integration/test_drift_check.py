@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from intentops import cli
-from intentops.config import compose
+from intentops.config import PARAMS_ENV, compose
 from intentops.monitor.drift import DRIFT_EXIT_CODE
 from intentops.monitor.features import utterance_features
 from intentops.monitor.profiles import ProfileWindowWriter, read_vocab
@@ -28,7 +28,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     params = compose(["monitor.drift.min_rows=100", "monitor.drift.last_n=3"], config_dir=ROOT / "conf")
     OmegaConf.save(params, tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("INTENTOPS_PARAMS", raising=False)
+    monkeypatch.delenv(PARAMS_ENV, raising=False)
     train, test = fixture_rows()
     for path, split in ((params.paths.train, train), (params.paths.val, test)):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -38,9 +38,16 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def write_traffic(texts: list[str], base: str = "data/monitoring/profiles") -> None:
-    vocab = read_vocab("data/monitoring/vocab.json")
-    with ProfileWindowWriter(base, max_rows=100) as writer:
+def paths():
+    """paths.* of the params.yaml in the working directory (the `project` fixture's)."""
+    from intentops.config import load_params
+
+    return load_params().paths
+
+
+def write_traffic(texts: list[str]) -> None:
+    vocab = read_vocab(paths().monitoring_vocab)
+    with ProfileWindowWriter(paths().monitoring_profiles, max_rows=100) as writer:
         writer.log(utterance_features(texts, vocab))
 
 
@@ -64,7 +71,7 @@ def shifted(n: int = 300, seed: int = 2) -> list[str]:
 def test_same_distribution_exits_0_and_renders_reports(project, capsys):
     write_traffic(same_distribution())
     cli.main(["drift-check"])  # returns: exit status 0
-    report = json.loads(Path("reports/drift/report.json").read_text())
+    report = json.loads(Path(paths().drift_report).read_text())
     assert report["drift"] is False and report["drifted_features"] == []
     assert report["rows"]["current"] == 300 and len(report["windows"]) == 3
     assert set(report["features"]) == {
@@ -76,8 +83,8 @@ def test_same_distribution_exits_0_and_renders_reports(project, capsys):
     }
     # No model yet: the prediction features are reported as not checked, not silently dropped.
     assert report["skipped"]["confidence"] == "not in the reference profile"
-    assert Path("reports/drift/drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    html = Path("reports/drift/report.html").read_text()
+    assert Path(paths().drift_plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = Path(paths().drift_html).read_text()
     assert "no drift" in html and "length_chars" in html and "data:image/png;base64," in html
     assert "no drift" in capsys.readouterr().out
 
@@ -92,11 +99,11 @@ def test_shifted_traffic_exits_with_the_drift_code(project):
     )
     assert proc.returncode == DRIFT_EXIT_CODE == 10, proc.stderr
     assert "drift in" in proc.stderr and "length_chars" in proc.stderr
-    report = json.loads(Path("reports/drift/report.json").read_text())
+    report = json.loads(Path(paths().drift_report).read_text())
     assert report["drift"] is True
     assert {"length_chars", "length_tokens", "has_digits", "has_amount"} <= set(report["drifted_features"])
     assert report["rows"]["current"] == 200  # --last-n 2 of the 3 windows
-    assert "DRIFT" in Path("reports/drift/report.html").read_text()
+    assert "DRIFT" in Path(paths().drift_html).read_text()
 
 
 def test_errors_exit_2_with_a_message(project, capsys):
@@ -120,7 +127,7 @@ def test_errors_exit_2_with_a_message(project, capsys):
         cli.main(["drift-check", "--serve-url", "http://127.0.0.1:8000"])
     assert exc.value.code == 2
     assert "--serve-url only applies with --retrain" in capsys.readouterr().err
-    assert not Path("reports/drift/report.json").exists()  # failed checks leave no half report
+    assert not Path(paths().drift_report).exists()  # failed checks leave no half report
 
 
 def test_retrain_without_drift_does_nothing_and_with_too_few_labels_explains(project, capsys):
@@ -131,11 +138,13 @@ def test_retrain_without_drift_does_nothing_and_with_too_few_labels_explains(pro
 
     write_traffic(same_distribution())
     cli.main(["drift-check", "--retrain"])  # returns: exit 0
-    assert "no drift" in capsys.readouterr().out and not Path("data/feedback/labels.csv").exists()
+    assert "no drift" in capsys.readouterr().out and not Path(paths().feedback_labels).exists()
 
     params = load_params()
     Path(params.paths.taxonomy).parent.mkdir(parents=True, exist_ok=True)
-    Path(params.paths.taxonomy).write_text(json.dumps({"labels": sorted({lb for _, lb in fixture_rows()[0]})}))
+    Path(params.paths.taxonomy).write_text(
+        json.dumps({"labels": sorted({lb for _, lb in fixture_rows()[0]})})
+    )
     engine = store.engine_from_params(params)
     store.upgrade(engine)
     engine.dispose()
@@ -145,8 +154,8 @@ def test_retrain_without_drift_does_nothing_and_with_too_few_labels_explains(pro
     assert exc.value.code == TOO_FEW_LABELS_EXIT_CODE == 11
     err = capsys.readouterr().err
     assert "only 0 new reviewed label(s)" in err and "at least 50" in err and "intentops label" in err
-    assert json.loads(Path("reports/drift/report.json").read_text())["drift"] is True
-    assert not Path("data/feedback/labels.csv").exists()  # nothing exported, nothing retrained
+    assert json.loads(Path(paths().drift_report).read_text())["drift"] is True
+    assert not Path(paths().feedback_labels).exists()  # nothing exported, nothing retrained
 
 
 def test_dispatch_on_drift_sends_the_repository_dispatch(project, monkeypatch):

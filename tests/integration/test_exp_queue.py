@@ -7,17 +7,11 @@ import time
 
 import pytest
 
-from support import fixture_overrides, make_project, run, write_mirror
+from intentops.data.sources import MIRROR_ENV
+from support import fixture_overrides, make_project, run
 
-# The real config, shrunk for the fixture data (2 epochs, one thread, no W&B).
-TINY = [
-    "logger=none",
-    "model.max_epochs=2",
-    "model.batch_size=32",
-    "trainer.enable_progress_bar=false",
-    "train.inference_sample=8",
-    "train.num_threads=1",
-]
+# On top of the fixture's shrunk config: 2 epochs are enough to tell two learning rates apart.
+TINY = ["model.max_epochs=2", "model.batch_size=32"]
 LRS = ("0.001", "0.03")
 
 
@@ -29,11 +23,11 @@ def queue_idle(repo, env) -> bool:
 
 # ~2 min on 2 cores (a baseline repro, then two queued runs that each clone the repo and train).
 @pytest.mark.slow
-def test_queued_experiments_run_and_record_metrics(tmp_path):
-    mirror = tmp_path / "mirror"
-    overrides = fixture_overrides(write_mirror(mirror), TINY)
+def test_queued_experiments_run_and_record_metrics(tmp_path, mirror):
+    mirror_dir, shas = mirror
+    overrides = fixture_overrides(shas, TINY)
     repo = make_project(tmp_path / "repo", overrides)
-    env = {"INTENTOPS_DATA_MIRROR": str(mirror), "WANDB_MODE": "disabled"}
+    env = {MIRROR_ENV: str(mirror_dir), "WANDB_MODE": "disabled"}
     # The baseline run, committed as a user would: queued experiments start from this commit and restore the
     # unchanged stages (data, embeddings) from the shared cache instead of running them again.
     run(["dvc", "repro", "train"], repo, env)

@@ -33,7 +33,7 @@ def tiny_project(root: Path, overrides: list[str] = ()):
 
     from intentops.config import compose
     from intentops.io import write_json
-    from intentops.train import train_from_config
+    from intentops.training import train_from_config
 
     cfg = compose([*TINY, *overrides])
     root.mkdir(parents=True, exist_ok=True)
@@ -66,7 +66,7 @@ def exported_project(tmp_path_factory, dest: Path):
     """A copy, at `dest`, of a tiny project that has run `export`; built once per test session."""
     from omegaconf import OmegaConf
 
-    from intentops import export
+    from intentops.stages import export
 
     base = tmp_path_factory.getbasetemp() / "tiny-exported"
     if not (base / "done").is_file():
@@ -85,7 +85,7 @@ def project(tmp_path_factory):
 
 
 def test_bundle_contents(project):
-    from intentops.export import content_version
+    from intentops.inference.bundle import content_version
 
     root, cfg = project
     bundle = root / cfg.paths.bundle_dir
@@ -133,7 +133,8 @@ def test_one_onnx_graph_with_dynamic_axes(project):
 
 
 def test_parity_with_pytorch_on_the_test_rows(project):
-    from intentops.predictor import OnnxPredictor, Predictor, softmax
+    from intentops.inference.ood import softmax
+    from intentops.inference.predictor import OnnxPredictor, Predictor
 
     root, cfg = project
     parity = json.loads((root / cfg.paths.export_parity).read_text())
@@ -144,12 +145,17 @@ def test_parity_with_pytorch_on_the_test_rows(project):
     assert isinstance(onnx_p, OnnxPredictor) and onnx_p.labels == torch_p.labels
     # Batches of mixed lengths (padding) and a text past max_seq_length (truncation) included.
     np.testing.assert_allclose(
-        softmax(onnx_p.logits(texts, batch_size=7)), torch_p.predict_proba(texts), atol=1e-4
+        softmax(onnx_p.logits(texts, batch_size=7)), softmax(torch_p.logits(texts)), atol=1e-4
     )
+    # One contract: under the same calibration both predictors mean the same probabilities and the same flags.
+    torch_cal = torch_p.with_calibration(onnx_p.calibration)
+    np.testing.assert_allclose(onnx_p.predict_proba(texts), torch_cal.predict_proba(texts), atol=1e-4)
+    assert [r["intent"] for r in onnx_p.predict(texts)] == [r["intent"] for r in torch_cal.predict(texts)]
+    assert torch_p.calibration.get("temperature", 1.0) == 1.0  # the train bundle itself is uncalibrated
 
 
 def test_predict_api_for_serving(project, tmp_path):
-    from intentops.predictor import Predictor
+    from intentops.inference.predictor import Predictor
 
     root, cfg = project
     bundle = root / cfg.paths.bundle_dir
@@ -173,7 +179,7 @@ def test_predict_api_for_serving(project, tmp_path):
 
 
 def test_int8_model_loads_predicts_and_is_reported(project):
-    from intentops.predictor import OnnxPredictor
+    from intentops.inference.predictor import OnnxPredictor
 
     root, cfg = project
     int8 = OnnxPredictor.from_bundle(root / cfg.paths.bundle_dir, variant="int8", intra_op_num_threads=1)
@@ -189,7 +195,7 @@ def test_int8_model_loads_predicts_and_is_reported(project):
 
 
 def test_card_fields(project):
-    from intentops.export import file_sha256
+    from intentops.inference.bundle import file_sha256
 
     root, cfg = project
     card = json.loads((root / cfg.paths.bundle_dir / "card.json").read_text())
@@ -208,7 +214,7 @@ def test_card_fields(project):
 
 @pytest.mark.slow
 def test_failed_parity_fails_the_stage_and_keeps_the_bundle(project):
-    from intentops import export
+    from intentops.stages import export
 
     root, cfg = project
     bundle = root / cfg.paths.bundle_dir
@@ -226,10 +232,10 @@ def test_failed_parity_fails_the_stage_and_keeps_the_bundle(project):
 
 def test_fitted_out_of_scope_calibration_travels_in_the_bundle(tmp_path_factory):
     """models/calibration.json (the `calibrate` stage's kNN fit + its .npz) -> bundle, card and Predictor.predict."""
-    from intentops import export
+    from intentops.inference.ood import choose_threshold
+    from intentops.inference.predictor import Predictor
     from intentops.io import write_json
-    from intentops.ood import choose_threshold
-    from intentops.predictor import Predictor
+    from intentops.stages import export
 
     root = tmp_path_factory.mktemp("export-ood") / "repo"
     cfg = exported_project(tmp_path_factory, root)
@@ -238,7 +244,7 @@ def test_fitted_out_of_scope_calibration_travels_in_the_bundle(tmp_path_factory)
     with open(root / cfg.paths.calibration_stats, "wb") as fh:
         np.savez(fh, bank=bank)
     val_emb = np.load(root / cfg.paths.embeddings_dir / "val.npy")
-    from intentops.ood import knn_score
+    from intentops.inference.ood import knn_score
 
     scores = knn_score(val_emb, bank, k=3)
     threshold = choose_threshold(
@@ -285,9 +291,9 @@ def test_fitted_out_of_scope_calibration_travels_in_the_bundle(tmp_path_factory)
 
 def test_multi_layer_embedding_exports_with_parity(tmp_path_factory):
     """embed.layers=[-3,-2,-1]: the featurizer and the ONNX graph pool the same three hidden states
-    (intentops.embed.pool_layers), so parity holds and the graph's embedding output is 3 x 384 wide."""
-    from intentops import export
-    from intentops.predictor import OnnxPredictor, Predictor
+    (intentops.models.encoder.pool_layers), so parity holds and the graph's embedding output is 3 x 384 wide."""
+    from intentops.inference.predictor import OnnxPredictor, Predictor
+    from intentops.stages import export
 
     root = tmp_path_factory.mktemp("export-layers") / "repo"
     cfg = tiny_project(root, ["embed.layers=[-3,-2,-1]"])

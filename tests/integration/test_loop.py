@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from support import ROOT, fixture_overrides, write_mirror
+from intentops.config import PARAMS_ENV
+from support import ROOT, fixture_overrides
 
 pytestmark = pytest.mark.slow
 
 
-def test_loop_on_fixture_data_detects_drift_retrains_and_swaps(tmp_path, monkeypatch):
+def test_loop_on_fixture_data_detects_drift_retrains_and_swaps(tmp_path, mirror, monkeypatch):
     from intentops.loop_demo import LoopConfig, Progress, run_loop
 
-    monkeypatch.delenv("INTENTOPS_PARAMS", raising=False)
-    shas = write_mirror(tmp_path / "mirror")
+    monkeypatch.delenv(PARAMS_ENV, raising=False)
+    mirror_dir, shas = mirror
     # The fixture is tiny: a few hundred replayed rows are enough, labels from 3 annotators on one intent.
     # A model fitted on it is near-certain of everything (temperature ~0.05), so review thresholds are raised
     # for the queue to fill; Banking77 (make loop-demo) uses the calibrated defaults.
@@ -23,7 +24,6 @@ def test_loop_on_fixture_data_detects_drift_retrains_and_swaps(tmp_path, monkeyp
         [
             "monitor.drift.min_rows=50",
             "monitor.retrain.min_new_labels=5",
-            "logger=none",
             "promote.latency_calls=20",
             "promote.warmup_calls=5",
             "calibrate.fit_temperature=false",
@@ -40,7 +40,7 @@ def test_loop_on_fixture_data_detects_drift_retrains_and_swaps(tmp_path, monkeyp
         replay_repeats=8,
         oracle=True,
     )
-    result = run_loop(tmp_path / "work", cfg, str(tmp_path / "mirror"), ROOT, Progress())
+    result = run_loop(tmp_path / "work", cfg, str(mirror_dir), ROOT, Progress())
 
     assert result["drift_exit_code"] == 10 and result["drifted_features"]
     assert result["annotation"]["labelled_per_intent"]["pin_blocked"] >= 5

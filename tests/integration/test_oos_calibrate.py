@@ -23,10 +23,10 @@ def project(request, tmp_path_factory):
     train rows are relabelled "oos" too (CLINC150's oos_train with split.oos_as_class): a 'trained' oos class."""
     from omegaconf import OmegaConf
 
-    from intentops import calibrate
     from intentops.config import compose
     from intentops.io import write_json
-    from intentops.train import train_from_config
+    from intentops.stages import calibrate
+    from intentops.training import train_from_config
 
     root = tmp_path_factory.mktemp("oos") / "repo"
     root.mkdir()
@@ -54,9 +54,8 @@ def project(request, tmp_path_factory):
 
 
 def test_calibration_file_and_postprocess_contract(project):
-    from intentops.calibrate import predictor_logits
-    from intentops.ood import load_calibration, postprocess
-    from intentops.predictor import Predictor
+    from intentops.inference.ood import load_calibration, postprocess
+    from intentops.inference.predictor import Predictor
 
     root, cfg = project
     cal = json.loads((root / cfg.paths.calibration).read_text())
@@ -74,7 +73,7 @@ def test_calibration_file_and_postprocess_contract(project):
     # What serving does: logits from the bundle, then postprocess with the stage's file.
     predictor = Predictor.load(root / cfg.paths.model_dir)
     test = pd.read_parquet(root / cfg.paths.test)
-    logits = predictor_logits(predictor, test["text"].tolist())  # re-encodes: no embeddings passed
+    logits = predictor.logits(test["text"].tolist())  # re-encodes: no embeddings passed
     out = postprocess(logits, load_calibration(root / cfg.paths.calibration))
     oos = (test["label"] == "oos").to_numpy()
     assert out["out_of_scope"][oos].mean() == pytest.approx(metrics["test"]["oos_recall"], abs=0.02)
@@ -102,7 +101,7 @@ def test_dvc_plots_show_renders_calibrate_plots(project):
 def test_evaluate_reports_in_scope_accuracy_and_oos_recall_at_the_operating_point(project):
     """`evaluate` re-encodes test through the Predictor and applies calibration.json: the same operating point
     as `calibrate` measured on the stage's embeddings, over every in-scope and every out-of-scope row."""
-    from intentops import evaluate
+    from intentops.stages import evaluate
 
     root, cfg = project
     with pytest.MonkeyPatch.context() as mp:
@@ -113,7 +112,9 @@ def test_evaluate_reports_in_scope_accuracy_and_oos_recall_at_the_operating_poin
     test = pd.read_parquet(root / cfg.paths.test)
     n_oos = int((test["label"] == "oos").sum())
     assert (point["n_in_scope"], point["n_oos"]) == (len(test) - n_oos, n_oos) and n_oos > 0
-    assert point["method"] == cfg.calibrate.method and point["threshold"] == fitted.get("threshold", point["threshold"])
+    assert point["method"] == cfg.calibrate.method and point["threshold"] == fitted.get(
+        "threshold", point["threshold"]
+    )
     for key in ("in_scope_accuracy", "oos_recall", "coverage", "oos_auroc"):
         assert point[key] == pytest.approx(fitted[key], abs=0.02), key
     report = (root / cfg.paths.error_analysis).read_text()
@@ -125,8 +126,8 @@ def test_evaluate_reports_in_scope_accuracy_and_oos_recall_at_the_operating_poin
 
 def test_exported_bundle_keeps_the_trained_oos_class(project):
     """The ONNX bundle carries `oos_index`: a top-1 on the oos class is served as out_of_distribution."""
-    from intentops import export
-    from intentops.predictor import Predictor
+    from intentops.inference.predictor import Predictor
+    from intentops.stages import export
 
     root, cfg = project
     with pytest.MonkeyPatch.context() as mp:

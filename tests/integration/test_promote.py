@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from test_export import exported_project, run_stage, set_params, tiny_project
 
-from intentops.registry import Registry
+from intentops.inference.registry import Registry
 
 
 def gate(root, cfg) -> dict:
@@ -33,14 +33,17 @@ def shuffle_head(root, cfg, seed: int = 0) -> bytes:
     state = torch.load(path, weights_only=True)
     perm = torch.from_numpy(np.random.default_rng(seed).permutation(state["layers.1.weight"].shape[0]))
     perm = torch.roll(perm, 1) if (perm == torch.arange(len(perm))).any() else perm  # no class keeps its row
-    state["layers.1.weight"], state["layers.1.bias"] = state["layers.1.weight"][perm], state["layers.1.bias"][perm]
+    state["layers.1.weight"], state["layers.1.bias"] = (
+        state["layers.1.weight"][perm],
+        state["layers.1.bias"][perm],
+    )
     torch.save(state, path)
     return original
 
 
 @pytest.mark.slow
 def test_promote_after_real_exports(tmp_path, capsys):
-    from intentops import export, promote
+    from intentops.stages import export, promote
 
     root = tmp_path / "repo"
     cfg = tiny_project(root, ["export.quantize=false"])
@@ -80,7 +83,9 @@ def test_promote_after_real_exports(tmp_path, capsys):
     assert gate(root, cfg)["promoted"] and registry.production() == v2
 
     # 5. Over the latency budget: rejected, whatever the accuracy.
-    set_params(root, ["export.quantize=false", "export.min_confidence=0.9", "promote.latency_budget_ms=0.001"])
+    set_params(
+        root, ["export.quantize=false", "export.min_confidence=0.9", "promote.latency_budget_ms=0.001"]
+    )
     run_stage(promote, root)
     g = gate(root, cfg)
     assert not g["promoted"] and not g["checks"]["latency"]["passed"] and g["checks"]["latency"]["p95_ms"] > 0
@@ -121,7 +126,7 @@ def derive_bundle(bundle, dest, shuffle_head: bool = False, calibration: dict | 
     import onnx
     from onnx import numpy_helper
 
-    from intentops.export import content_version
+    from intentops.inference.bundle import content_version
 
     shutil.copytree(bundle, dest)
     if shuffle_head:
@@ -151,7 +156,7 @@ def use_challenger(root, cfg, bundle) -> None:
 
 
 def test_promote_gate_registry_and_rollback(tmp_path_factory, tmp_path, capsys):
-    from intentops import promote
+    from intentops.stages import promote
 
     root = tmp_path / "repo"
     cfg = exported_project(tmp_path_factory, root)
@@ -178,11 +183,19 @@ def test_promote_gate_registry_and_rollback(tmp_path_factory, tmp_path, capsys):
     v2 = derive_bundle(exported, tmp_path / "v2", calibration={"min_confidence": 0.9})
     use_challenger(root, cfg, tmp_path / "v2")
     run_stage(promote, root)  # same predictions, new version: promoted
-    assert gate(root, cfg)["promoted"] and registry.production() == v2 and registry.versions() == sorted([v1, v2])
+    assert (
+        gate(root, cfg)["promoted"]
+        and registry.production() == v2
+        and registry.versions() == sorted([v1, v2])
+    )
 
     set_params(root, ["promote.latency_budget_ms=0.001"])
     run_stage(promote, root)
     g = gate(root, cfg)
-    assert not g["promoted"] and not g["checks"]["latency"]["passed"] and any("over budget" in r for r in g["reasons"])
+    assert (
+        not g["promoted"]
+        and not g["checks"]["latency"]["passed"]
+        and any("over budget" in r for r in g["reasons"])
+    )
 
     check_rollback_cli(root, registry, v1, v2, bad, capsys)

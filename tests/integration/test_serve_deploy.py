@@ -44,12 +44,26 @@ def test_serve_deploy_of_the_committed_config(tmp_path):
     old = dict(os.environ)
     os.environ.update(RAY_AUTH_MODE=env["RAY_AUTH_MODE"], RAY_AUTH_TOKEN=env["RAY_AUTH_TOKEN"])
     try:
-        ray_start(["--head", f"--port={cluster.address.split(':')[1]}", f"--ray-client-server-port={free_port()}",
-                   "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}"],
-                  temp_root / "head")
+        ray_start(
+            [
+                "--head",
+                f"--port={cluster.address.split(':')[1]}",
+                f"--ray-client-server-port={free_port()}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash_port}",
+            ],
+            temp_root / "head",
+        )
         address = f"http://127.0.0.1:{dash_port}"
-        proc = subprocess.run([str(SERVE), "deploy", str(config), "--address", address], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [str(SERVE), "deploy", str(config), "--address", address],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         deadline, ready = time.monotonic() + 240, None
         while time.monotonic() < deadline:
@@ -62,11 +76,17 @@ def test_serve_deploy_of_the_committed_config(tmp_path):
             time.sleep(2)
         assert ready is not None and ready.status_code == 200, "the deployed app never became ready"
         assert ready.json()["model_version"] == "deploy-test"
-        r = httpx.post(f"http://127.0.0.1:{http_port}/v1/predict", json={"text": "my card has not arrived"},
-                       timeout=30)
+        r = httpx.post(
+            f"http://127.0.0.1:{http_port}/v1/predict", json={"text": "my card has not arrived"}, timeout=30
+        )
         assert r.status_code == 200 and r.json()["model_version"] == "deploy-test"
-        subprocess.run([str(SERVE), "shutdown", "-y", "--address", address], cwd=ROOT, env=env,
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            [str(SERVE), "shutdown", "-y", "--address", address],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            timeout=120,
+        )
     finally:
         os.environ.clear()
         os.environ.update(old)

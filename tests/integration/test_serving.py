@@ -1,4 +1,4 @@
-"""The real Ray Serve app (serving/app.py) on loopback: routes, batching, bad requests, API key, feedback, hot swap.
+"""The real Ray Serve app (intentops.api.service) on loopback: routes, batching, bad requests, API key, feedback, hot swap.
 
 One Ray + Serve instance for the module. The bundles are tiny untrained BiLSTMs over the packaged
 tokenizer: v1 is biased to one intent (confident, never needs review), v2 is near uniform (always does).
@@ -29,9 +29,9 @@ def write_tiny_bundle(dest: Path, version: str, confident: bool) -> None:
     """A real Predictor bundle (untrained): confident=True pushes every text to LABELS[0]."""
     import torch
 
+    from intentops.inference.predictor import TorchPredictor
     from intentops.models.bilstm import BiLSTMClassifier
     from intentops.models.tokens import TokenFeaturizer
-    from intentops.predictor import Predictor
 
     featurizer = TokenFeaturizer(max_length=32)
     net_kwargs = {"vocab_size": featurizer.net_kwargs()["vocab_size"], "n_classes": len(LABELS)}
@@ -45,7 +45,7 @@ def write_tiny_bundle(dest: Path, version: str, confident: bool) -> None:
     net = BiLSTMClassifier(**net_kwargs, **{k: v for k, v in net_config.items() if k != "_target_"})
     with torch.no_grad():
         net.classifier.bias[0] = 8.0 if confident else 0.0
-    Predictor(featurizer, net, LABELS).save(dest, net_config, net_kwargs, {"version": version})
+    TorchPredictor(featurizer, net, LABELS).save(dest, net_config, net_kwargs, {"version": version})
     (dest / "card.json").write_text(json.dumps({"version": version, "metrics": {"test/macro_f1": 0.5}}))
 
 
@@ -61,8 +61,8 @@ def served(tmp_path_factory):
     import ray
     from ray import serve
 
+    from intentops.api.service import IntentService
     from intentops.feedback import store
-    from intentops.serve_api import import_app
 
     work = tmp_path_factory.mktemp("serving")
     registry = work / "registry"
@@ -96,7 +96,7 @@ def served(tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        service = import_app(ROOT).IntentService.options(
+        service = IntentService.options(
             user_config=user_config,
             ray_actor_options={
                 "num_cpus": 1,
@@ -179,7 +179,8 @@ def test_concurrent_requests_are_batched(served):
 def replica_log_records() -> list[dict]:
     import ray
 
-    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    ctx = ray.get_runtime_context()  # Serve's logs: <temp dir>/<session>/logs/serve
+    logs = Path(ctx.get_temp_dir()) / ctx.get_session_name() / "logs" / "serve"
     records = []
     for path in logs.glob("replica_*IntentService*.log"):
         for line in path.read_text().splitlines():
@@ -340,10 +341,10 @@ def oos_app(served, tmp_path_factory):
     from ray import serve
 
     from integration.test_export import exported_project
+    from intentops.api.service import IntentService
+    from intentops.inference.ood import choose_threshold, energy_score
+    from intentops.inference.predictor import Predictor
     from intentops.io import write_json
-    from intentops.ood import choose_threshold, energy_score
-    from intentops.predictor import Predictor
-    from intentops.serve_api import import_app
 
     root = tmp_path_factory.mktemp("oos") / "repo"
     cfg = exported_project(tmp_path_factory, root)
@@ -370,7 +371,7 @@ def oos_app(served, tmp_path_factory):
         "store": {"record_predictions": True, "db": str(served[1] / "queue.db")},
         "monitoring": {"enabled": False},
     }
-    service = import_app(ROOT).IntentService.options(
+    service = IntentService.options(
         name="IntentServiceOOS",
         user_config=user_config,
         ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {"INTENTOPS_ROOT": str(ROOT)}}},

@@ -133,7 +133,13 @@ def test_prune_deletes_only_what_is_past_retention(engine):
     store.add_feedback(engine, "old", "card_arrival", "agent", created_at=now - timedelta(days=100))
     store.add_feedback(engine, "new", "card_arrival", "agent")
     deleted = store.prune(engine, retention_days=90)
-    assert deleted == {"annotations": 1, "adjudications": 0, "review_queue": 1, "feedback": 1, "predictions": 0}
+    assert deleted == {
+        "annotations": 1,
+        "adjudications": 0,
+        "review_queue": 1,
+        "feedback": 1,
+        "predictions": 0,
+    }
     assert [i["prediction_id"] for i in store.queue_items(engine)] == ["new"]
     assert [r["prediction_id"] for r in store.table_rows(engine, store.annotations)] == ["new"]
     assert [r["prediction_id"] for r in store.table_rows(engine, store.feedback)] == ["new"]

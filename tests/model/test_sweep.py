@@ -10,9 +10,10 @@ import sys
 import pytest
 
 from intentops.config import repo_root
+from support import SMALL
 
-TINY = ["logger=none", "model.max_epochs=2", "model.batch_size=32", "trainer.enable_progress_bar=false",
-        "train.inference_sample=8", "train.num_threads=1"]
+# One thread: the Ray launcher runs trials side by side.
+TINY = [*SMALL, "model.max_epochs=2", "model.batch_size=32", "train.num_threads=1"]
 
 
 @pytest.fixture
@@ -27,8 +28,13 @@ def sweep_project(small_project, tmp_path):
 
 def run_sweep(project, args: list[str]) -> dict:
     sweep_dir = project / "multirun" / "test"
-    proc = subprocess.run([sys.executable, "-m", "intentops.sweep", *args, *TINY, f"hydra.sweep.dir={sweep_dir}"],
-                          cwd=project, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "intentops.sweep", *args, *TINY, f"hydra.sweep.dir={sweep_dir}"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((sweep_dir / "summary.json").read_text())
     for trial in summary["trials"]:
@@ -42,7 +48,9 @@ def test_grid_sweep_names_best_trial(sweep_project):
     summary = run_sweep(sweep_project, ["-m", "model.lr=1e-3,3e-2"])
     assert summary["n_trials"] == 2
     assert {o for t in summary["trials"] for o in t["overrides"] if o.startswith("model.lr")} == {
-        "model.lr=0.001", "model.lr=0.03"}
+        "model.lr=0.001",
+        "model.lr=0.03",
+    }
 
 
 def test_optuna_sweep(sweep_project):

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from intentops.calibrate import encode_with_oos, run_calibrate
-from intentops.ood import postprocess
+from intentops.inference.ood import postprocess
+from intentops.models.labels import encode_with_oos
+from intentops.stages.calibrate import run_calibrate
 
 CFG = {
     "method": "energy",
@@ -109,7 +110,7 @@ def test_run_calibrate_with_an_oos_class_counts_its_rows_towards_the_target():
 
 def test_config_has_a_valid_calibrate_node():
     from intentops.config import compose
-    from intentops.ood import METHODS, TARGETS
+    from intentops.inference.ood import METHODS, TARGETS
 
     cfg = compose(["logger=none"])
     assert cfg.calibrate.method in METHODS

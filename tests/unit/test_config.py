@@ -26,11 +26,16 @@ def test_dvc_yaml_interpolations_and_params_exist():
     for name, stage in dvc["stages"].items():
         for key in stage.get("params", []):
             key = key if isinstance(key, str) else next(iter(key))
-            assert key.split(".")[0] in params, f"stage {name} lists params key {key!r} that params.yaml lacks"
+            assert key.split(".")[0] in params, (
+                f"stage {name} lists params key {key!r} that params.yaml lacks"
+            )
 
 
 def test_each_stage_has_its_module_and_params_key():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
-        assert f"intentops.{name}" in stage["cmd"], f"stage {name} should run its own module intentops.{name}"
-        assert (ROOT / "src" / "intentops" / f"{name}.py").is_file()
+        module = f"intentops.stages.{name}"
+        assert stage["cmd"].split() == ["python", "-m", module], (
+            f"stage {name} should run its own module {module}"
+        )
+        assert (ROOT / "src" / "intentops" / "stages" / f"{name}.py").is_file()

@@ -45,7 +45,9 @@ def test_csv_errors_name_the_problem_and_the_row(data, message, where):
 
 
 def test_clinc_json_keeps_splits():
-    df = read_clinc_json(b'{"train": [["hi", "greet"]], "oos_test": [["weather?", "oos"]]}', "x/data_full.json")
+    df = read_clinc_json(
+        b'{"train": [["hi", "greet"]], "oos_test": [["weather?", "oos"]]}', "x/data_full.json"
+    )
     assert df[["origin_split", "label"]].values.tolist() == [["train", "greet"], ["oos_test", "oos"]]
 
 

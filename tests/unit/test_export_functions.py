@@ -7,17 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from intentops.export import (
-    OOD_STATS_FILE,
-    build_card,
-    bundle_calibration,
-    content_version,
-    parity_report,
-    read_calibration,
-)
-from intentops.ood import load_calibration, normalize_calibration
-from intentops.predictor import softmax
-from intentops.promote import label_ids
+from intentops.inference.bundle import OOD_STATS_FILE, content_version
+from intentops.inference.ood import load_calibration, normalize_calibration, softmax
+from intentops.models.labels import label_ids
+from intentops.stages.export import build_card, bundle_calibration, parity_report, read_calibration
 
 
 def test_parity_report_passes_and_fails_on_each_criterion():
@@ -106,7 +99,7 @@ def test_legacy_bundle_calibration_is_normalised():
 
 
 def test_label_ids_maps_unknown_champion_labels_to_an_extra_class():
-    assert label_ids(["b", "zzz", "a"], ["a", "b"]).tolist() == [1, 2, 0]
+    assert label_ids(["b", "zzz", "a"], ["a", "b"], unknown=2).tolist() == [1, 2, 0]
 
 
 def test_read_calibration_prefers_a_fitted_temperature(tmp_path):

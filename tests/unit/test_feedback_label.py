@@ -3,7 +3,8 @@
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
-from intentops.feedback.label import Taxonomy, agreement, export_table, parse_answer, resolve
+from intentops.data.taxonomy import Taxonomy
+from intentops.feedback.label import agreement, export_table, parse_answer, resolve
 
 TAX = Taxonomy(("card_arrival", "card_delivery_estimate", "lost_or_stolen_card", "Refund_not_showing_up"))
 SUGGESTIONS = ["card_arrival", "card_delivery_estimate"]

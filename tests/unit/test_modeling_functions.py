@@ -7,17 +7,18 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from intentops.data.taxonomy import Taxonomy
 from intentops.errors import UserError
-from intentops.evaluate import (
+from intentops.metrics import classification_summary, expected_calibration_error, reliability_bins
+from intentops.models.data import slice_batch
+from intentops.models.labels import encode_labels, label_space
+from intentops.stages.evaluate import (
     confidence_histogram,
     confused_pairs,
     per_class_report,
     run_evaluate,
     slice_metrics,
 )
-from intentops.metrics import classification_summary, expected_calibration_error, reliability_bins
-from intentops.models.data import slice_batch
-from intentops.train import encode_labels, label_space
 
 
 def test_ece_zero_when_confidence_matches_accuracy():
@@ -42,9 +43,11 @@ def test_classification_summary():
 
 
 def test_slice_batch_densifies_sparse_and_trims_padding():
-    feats = {"tfidf": sp.csr_matrix(np.eye(4, dtype=np.float32)),
-             "input_ids": np.array([[5, 6, 0, 0], [7, 0, 0, 0], [1, 2, 3, 0], [1, 0, 0, 0]]),
-             "attention_mask": np.array([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]])}
+    feats = {
+        "tfidf": sp.csr_matrix(np.eye(4, dtype=np.float32)),
+        "input_ids": np.array([[5, 6, 0, 0], [7, 0, 0, 0], [1, 2, 3, 0], [1, 0, 0, 0]]),
+        "attention_mask": np.array([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]),
+    }
     batch = slice_batch(feats, np.array([0, 1]))
     assert batch["tfidf"].tolist() == [[1, 0, 0, 0], [0, 1, 0, 0]]
     assert batch["input_ids"].shape == (2, 2)  # longest sequence in this batch is 2
@@ -52,7 +55,7 @@ def test_slice_batch_densifies_sparse_and_trims_padding():
 
 
 def test_label_space_adds_oos_only_when_trained_on():
-    tax = {"labels": ["a", "b"], "oos_label": "oos"}
+    tax = Taxonomy(("a", "b"), oos_label="oos")
     assert label_space(tax, pd.Series(["a", "b"])) == ["a", "b"]
     assert label_space(tax, pd.Series(["a", "oos"])) == ["a", "b", "oos"]
     with pytest.raises(UserError, match="missing from the taxonomy"):
@@ -99,10 +102,21 @@ def test_run_evaluate_tables_agree():
 
 
 def test_baseline_separates_clear_intents():
-    from intentops.baseline import run_baseline
+    from intentops.stages.baseline import run_baseline
 
-    train = pd.DataFrame({"text": ["lost my card", "card stolen", "my card is lost", "top up failed",
-                                   "top up declined", "cannot top up"], "label": ["lost"] * 3 + ["topup"] * 3})
+    train = pd.DataFrame(
+        {
+            "text": [
+                "lost my card",
+                "card stolen",
+                "my card is lost",
+                "top up failed",
+                "top up declined",
+                "cannot top up",
+            ],
+            "label": ["lost"] * 3 + ["topup"] * 3,
+        }
+    )
     test = pd.DataFrame({"text": ["stolen card", "top up did not work"], "label": ["lost", "topup"]})
     out = run_baseline(train, test, {"word_ngram": [1, 2], "char_ngram": [2, 4]}, C=1.0)
     assert out["test"]["accuracy"] == 1.0 and out["n_features"] > 0
@@ -140,14 +154,16 @@ def test_fit_memory_picks_the_weight_on_val_and_drops_an_unused_memory():
     import torch
 
     from intentops.models.minilm_head import EmbTfidfHead
-    from intentops.train import fit_memory
+    from intentops.training import fit_memory
 
     rng = np.random.default_rng(1)
     centres = np.eye(3, 6, dtype=np.float32)
     train_y, val_y = np.repeat(np.arange(3), 4), np.arange(3)
     noise = lambda n: 0.1 * rng.normal(size=(n, 6)).astype(np.float32)  # noqa: E731
-    features = {split: {"emb": centres[y] + noise(len(y)), "tfidf": sp.csr_matrix(np.zeros((len(y), 2), np.float32))}
-                for split, y in (("train", train_y), ("val", val_y))}
+    features = {
+        split: {"emb": centres[y] + noise(len(y)), "tfidf": sp.csr_matrix(np.zeros((len(y), 2), np.float32))}
+        for split, y in (("train", train_y), ("val", val_y))
+    }
     ids = {"train": train_y, "val": val_y}
     kwargs = {"emb_dim": 6, "tfidf_dim": 2, "n_classes": 3}
 

@@ -84,12 +84,15 @@ def test_utterance_features_with_predictions_and_length_mismatch():
 
 def test_reference_and_serving_see_the_same_prediction_features():
     """The profile stage feeds Predictor.predict rows; serving feeds its queue-shaped rows (serve_api.store_top_k)."""
-    from intentops.serve_api import store_top_k
+    from intentops.feedback.ledger import store_top_k
 
     predictor_row = {
         "intent": "card_arrival",
         "confidence": 0.6,
-        "top_k": [{"intent": "card_arrival", "confidence": 0.6}, {"intent": "pin_blocked", "confidence": 0.25}],
+        "top_k": [
+            {"intent": "card_arrival", "confidence": 0.6},
+            {"intent": "pin_blocked", "confidence": 0.25},
+        ],
     }
     serving_row = {"intent": "card_arrival", "confidence": 0.6, "top_k": store_top_k(predictor_row)}
     assert prediction_features(predictor_row) == prediction_features(serving_row)

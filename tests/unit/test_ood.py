@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from intentops.ood import (
+from intentops.inference.ood import (
     choose_threshold,
     detection_metrics,
     energy_score,
@@ -18,8 +18,8 @@ from intentops.ood import (
     postprocess,
     risk_coverage,
     roc_points,
+    softmax,
 )
-from intentops.predictor import softmax
 
 
 def sample_with_temperature(n: int, k: int, true_t: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +192,7 @@ def test_postprocess_with_an_oos_class_flags_its_rows_and_scores_in_scope_column
 
 
 def test_detection_score_ranks_rows_the_oos_class_flags_as_most_out_of_scope():
-    from intentops.ood import detection_score
+    from intentops.inference.ood import detection_score
 
     out = {"ood_score": np.array([-8.0, -1.0, -7.0, -2.0]), "pred": np.array([0, 1, 1, 2])}
     # Higher is OOD: the two oos-class rows (pred 1) go above every score, the others keep theirs.
@@ -204,7 +204,10 @@ def test_detection_score_ranks_rows_the_oos_class_flags_as_most_out_of_scope():
     # Without a trained class, the score itself: the AUROC of a class that catches a row its score misses rises.
     np.testing.assert_array_equal(detection_score(out, True, None), out["ood_score"])
     is_oos = np.array([False, False, True, True])
-    assert detection_metrics(got, is_oos, True)["auroc"] > detection_metrics(out["ood_score"], is_oos, True)["auroc"]
+    assert (
+        detection_metrics(got, is_oos, True)["auroc"]
+        > detection_metrics(out["ood_score"], is_oos, True)["auroc"]
+    )
 
 
 def test_oos_recall_threshold_counts_rows_already_flagged():

@@ -5,8 +5,9 @@ import pytest
 from sklearn.metrics import f1_score
 
 from intentops.errors import UserError
-from intentops.promote import macro_f1, paired_bootstrap_macro_f1, per_class_f1, run_gate
-from intentops.registry import Registry
+from intentops.inference.registry import Registry
+from intentops.metrics import macro_f1
+from intentops.stages.promote import paired_bootstrap_macro_f1, per_class_f1, run_gate, weighted_macro_f1
 
 LABELS = [f"intent_{i}" for i in range(6)]
 
@@ -27,7 +28,15 @@ def y():
 def test_f1_matches_sklearn(y):
     pred = noisy(y, 0.3, 1)
     np.testing.assert_allclose(per_class_f1(y, pred, 6), f1_score(y, pred, average=None, labels=range(6)))
-    assert macro_f1(y, pred, 6) == pytest.approx(f1_score(y, pred, average="macro"))
+    assert macro_f1(y, pred) == pytest.approx(f1_score(y, pred, average="macro"))
+
+
+def test_bootstrap_macro_f1_is_sklearns_over_labels_and_predictions():
+    # Class 2 is only predicted, class 3 never occurs: sklearn averages over {0, 1, 2}, and so does the gate.
+    y, pred = np.array([0, 0, 1, 1]), np.array([0, 2, 1, 1])
+    unit = np.ones((1, len(y)))
+    assert weighted_macro_f1(y, pred, 4, unit)[0] == pytest.approx(macro_f1(y, pred))
+    assert macro_f1(y, pred) == pytest.approx(f1_score(y, pred, average="macro", zero_division=0))
 
 
 def test_bootstrap_ci_brackets_the_observed_difference(y):
@@ -40,15 +49,25 @@ def test_bootstrap_ci_brackets_the_observed_difference(y):
 
 
 def test_gate_promotes_first_model_within_budget(y):
-    gate = run_gate(y, noisy(y, 0.1, 1), None, LABELS, challenger_p95_ms=20, epsilon=0.01, delta=0.05,
-                    latency_budget_ms=50)
+    gate = run_gate(
+        y,
+        noisy(y, 0.1, 1),
+        None,
+        LABELS,
+        challenger_p95_ms=20,
+        epsilon=0.01,
+        delta=0.05,
+        latency_budget_ms=50,
+    )
     assert gate["promoted"] and "no champion" in gate["reasons"][0]
     assert not run_gate(y, y, None, LABELS, 80, 0.01, 0.05, 50)["promoted"]
 
 
 def test_gate_rejects_worse_challenger_and_names_why(y):
     champion, worse = noisy(y, 0.05, 1), noisy(y, 0.25, 2)
-    gate = run_gate(y, worse, champion, LABELS, 10, epsilon=0.01, delta=0.05, latency_budget_ms=50, n_boot=300)
+    gate = run_gate(
+        y, worse, champion, LABELS, 10, epsilon=0.01, delta=0.05, latency_budget_ms=50, n_boot=300
+    )
     assert not gate["promoted"]
     assert not gate["checks"]["macro_f1"]["passed"] and not gate["checks"]["per_intent_f1"]["passed"]
     assert any("macro-F1 diff" in r for r in gate["reasons"])
@@ -58,7 +77,9 @@ def test_gate_rejects_a_single_intent_regression(y):
     champion = noisy(y, 0.05, 1)
     challenger = champion.copy()
     challenger[(y == 2)] = 3  # intent_2 collapses; macro-F1 falls by less than a sixth
-    gate = run_gate(y, challenger, champion, LABELS, 10, epsilon=0.5, delta=0.05, latency_budget_ms=50, n_boot=200)
+    gate = run_gate(
+        y, challenger, champion, LABELS, 10, epsilon=0.5, delta=0.05, latency_budget_ms=50, n_boot=200
+    )
     assert gate["checks"]["macro_f1"]["passed"] and not gate["checks"]["per_intent_f1"]["passed"]
     assert gate["checks"]["per_intent_f1"]["worst_intent"] == "intent_2" and not gate["promoted"]
 

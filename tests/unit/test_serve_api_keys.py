@@ -1,6 +1,6 @@
 """The API's pure parts: API-key checks (header forms, rotation), calibration settings, rows for the ledger."""
 
-from intentops.serve_api import api_key_ok
+from intentops.api.middleware import api_key_ok
 
 
 def test_key_forms_and_rotation():
@@ -15,7 +15,7 @@ def test_key_forms_and_rotation():
 
 
 def test_bundle_calibration_wins_and_the_config_fills_in_review_thresholds():
-    from intentops.serve_api import serving_calibration
+    from intentops.api.model import serving_calibration
 
     review = {"min_confidence": 0.83, "min_margin": 0.1}
     cal = {
@@ -31,8 +31,8 @@ def test_bundle_calibration_wins_and_the_config_fills_in_review_thresholds():
 
 
 def test_rows_get_ids_and_only_out_of_scope_ones_are_queued_with_their_reason():
-    from intentops.serve_api import shape_predictions
-    from intentops.serve_ledger import review_items
+    from intentops.api.schemas import shape_predictions
+    from intentops.feedback.ledger import review_items
 
     top = [{"intent": "card_arrival", "confidence": 0.9}, {"intent": "pin_blocked", "confidence": 0.05}]
     raw = [

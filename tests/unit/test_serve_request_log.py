@@ -1,8 +1,8 @@
-"""The replica's request log (serve_api.RequestLog): JSON lines, written on flush, rotated by size."""
+"""The replica's request log (api.requestlog.RequestLog): JSON lines, written on flush, rotated by size."""
 
 import json
 
-from intentops.serve_api import RequestLog
+from intentops.api.requestlog import RequestLog
 
 
 def test_lines_are_buffered_until_flush_and_written_as_json(tmp_path):

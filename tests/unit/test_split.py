@@ -5,7 +5,7 @@ import pytest
 
 from intentops.data.readers import match_key
 from intentops.errors import UserError
-from intentops.split import run_split, stratified_holdout
+from intentops.stages.split import run_split, stratified_holdout
 from support import fixture_rows
 
 
@@ -31,12 +31,18 @@ def test_official_test_is_kept_and_val_is_stratified_and_seeded():
 
 def test_no_normalised_text_in_two_splits_and_test_never_thinned():
     # A test text repeated in train with other casing, and a repeated test text: train loses its copy, test keeps both.
-    table = canonical(extra_train=[("WHEN WILL MY CARD ARRIVE?  ", "card_arrival")],
-                      extra_test=[("when will my card arrive?", "card_arrival")])
+    table = canonical(
+        extra_train=[("WHEN WILL MY CARD ARRIVE?  ", "card_arrival")],
+        extra_test=[("when will my card arrive?", "card_arrival")],
+    )
     n_test = (table["origin_split"] == "test").sum()
     frames, stats = run_split(table, 0.2, 0.2, seed=1)
     keys = {s: set(f["text"].map(match_key)) for s, f in frames.items()}
-    assert not (keys["train"] & keys["val"]) and not (keys["train"] & keys["test"]) and not (keys["val"] & keys["test"])
+    assert (
+        not (keys["train"] & keys["val"])
+        and not (keys["train"] & keys["test"])
+        and not (keys["val"] & keys["test"])
+    )
     assert len(frames["test"]) == n_test
     assert stats["dropped_cross_split_repeats"] >= 1
 
@@ -59,8 +65,10 @@ def test_holdout_leaves_singletons_in_train_and_bad_fraction_is_rejected():
 
 
 def feedback_rows(rows):
-    return pd.DataFrame([(t, lab, "feedback", f"labels.csv:{i + 2}") for i, (t, lab) in enumerate(rows)],
-                        columns=["text", "label", "origin_split", "source_id"])
+    return pd.DataFrame(
+        [(t, lab, "feedback", f"labels.csv:{i + 2}") for i, (t, lab) in enumerate(rows)],
+        columns=["text", "label", "origin_split", "source_id"],
+    )
 
 
 def test_feedback_joins_train_only_and_leaves_the_dataset_split_as_it_was():
@@ -80,12 +88,14 @@ def test_feedback_joins_train_only_and_leaves_the_dataset_split_as_it_was():
 def test_holdout_intents_leave_train_and_val_but_not_test_or_feedback():
     table = canonical()
     fb = feedback_rows([("please unblock my pin, it is locked", "pin_blocked")])
-    frames, stats = run_split(pd.concat([table, fb], ignore_index=True), 0.2, 0.2, seed=5,
-                              holdout_intents=["pin_blocked"])
+    frames, stats = run_split(
+        pd.concat([table, fb], ignore_index=True), 0.2, 0.2, seed=5, holdout_intents=["pin_blocked"]
+    )
     assert set(frames["train"].loc[frames["train"]["label"] == "pin_blocked", "origin_split"]) == {"feedback"}
     assert "pin_blocked" not in set(frames["val"]["label"])
-    assert (frames["test"]["label"] == "pin_blocked").sum() == ((table["origin_split"] == "test")
-                                                                 & (table["label"] == "pin_blocked")).sum()
+    assert (frames["test"]["label"] == "pin_blocked").sum() == (
+        (table["origin_split"] == "test") & (table["label"] == "pin_blocked")
+    ).sum()
     assert stats["holdout"]["intents"] == ["pin_blocked"] and stats["holdout"]["dropped_rows"] > 0
     with pytest.raises(UserError, match="holdout_intents"):
         run_split(table, 0.2, 0.2, seed=5, holdout_intents=["no_such_intent"])

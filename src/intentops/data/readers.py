@@ -33,7 +33,7 @@ def decode_utf8(data: bytes, where: str) -> str:
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise UserError(
-            f"bytes that are not valid UTF-8 at line {line} (byte offset {err.start}: {data[err.start:err.start + 4]!r})",
+            f"bytes that are not valid UTF-8 at line {line} (byte offset {err.start}: {data[err.start : err.start + 4]!r})",
             where=f"{where}:{line}",
             fix="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.csv > out.csv`)",
         ) from err
@@ -54,9 +54,13 @@ def read_csv_rows(
     try:
         header = next(reader)
     except StopIteration:
-        raise UserError("the CSV has no header row", where=where, fix="add a header naming the columns") from None
+        raise UserError(
+            "the CSV has no header row", where=where, fix="add a header naming the columns"
+        ) from None
     except csv.Error as err:
-        raise UserError(f"broken CSV header: {err}", where=f"{where}:1", fix="fix the quoting of the header") from err
+        raise UserError(
+            f"broken CSV header: {err}", where=f"{where}:1", fix="fix the quoting of the header"
+        ) from err
     header = [h.strip() for h in header]
     missing = [c for c in (text_column, label_column) if c not in header]
     if missing:
@@ -86,7 +90,9 @@ def read_csv_rows(
             fix='close every quoted field and double any quote inside a field ("")',
         ) from err
     if not records:
-        raise UserError("the CSV has a header but no rows", where=where, fix="check you exported the data rows")
+        raise UserError(
+            "the CSV has a header but no rows", where=where, fix="check you exported the data rows"
+        )
     return pd.DataFrame.from_records(records, columns=CANONICAL_COLUMNS)
 
 
@@ -107,22 +113,28 @@ def read_feedback(data: bytes, where: str) -> tuple[pd.DataFrame, list[str]]:
     """
     text = decode_utf8(data, where)
     if not text.strip():
-        raise UserError("the feedback file is empty (not even a header)", where=where,
-                        fix="restore it with `git checkout -- <file>`, or write it with `intentops label export`")
+        raise UserError(
+            "the feedback file is empty (not even a header)",
+            where=where,
+            fix="restore it with `git checkout -- <file>`, or write it with `intentops label export`",
+        )
     body = [line for line in text.splitlines()[1:] if line.strip()]
     if not body:
         header = next(csv.reader(io.StringIO(text)))
         missing = [c for c in ("text", "label") if c not in [h.strip() for h in header]]
         if missing:
-            raise UserError(f"missing column(s) {missing}; the header has {header}", where=f"{where}:1",
-                            fix="write the file with `intentops label export`")
+            raise UserError(
+                f"missing column(s) {missing}; the header has {header}",
+                where=f"{where}:1",
+                fix="write the file with `intentops label export`",
+            )
         return pd.DataFrame(columns=CANONICAL_COLUMNS), []
     rows = read_csv_rows(data, where, FEEDBACK_SPLIT, "text", "label")
     proposed: list[str] = []
     for i, label in rows["label"].items():
         if not label.startswith(NEW_INTENT_PREFIX):
             continue
-        name = label[len(NEW_INTENT_PREFIX):]
+        name = label[len(NEW_INTENT_PREFIX) :]
         if not _INTENT_NAME.fullmatch(name):
             raise UserError(
                 f"proposed intent {label!r} is not new:<snake_case_name>",
@@ -140,16 +152,22 @@ def read_clinc_json(data: bytes, where: str, oos_label: str = "oos") -> pd.DataF
     try:
         obj = json.loads(decode_utf8(data, where))
     except json.JSONDecodeError as err:
-        raise UserError(f"invalid JSON: {err.msg}", where=f"{where}:{err.lineno}:{err.colno}", fix="re-download the file") from err
+        raise UserError(
+            f"invalid JSON: {err.msg}", where=f"{where}:{err.lineno}:{err.colno}", fix="re-download the file"
+        ) from err
     if not isinstance(obj, dict):
-        raise UserError("expected a JSON object of splits", where=where, fix="use an oos-eval data_*.json file")
+        raise UserError(
+            "expected a JSON object of splits", where=where, fix="use an oos-eval data_*.json file"
+        )
     file = where.rsplit("/", 1)[-1]
     records = []
     for split, rows in obj.items():
         for i, pair in enumerate(rows):
             if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
                 raise UserError(
-                    f"expected [text, intent], got {pair!r}", where=f"{where}: {split}[{i}]", fix="re-download the file"
+                    f"expected [text, intent], got {pair!r}",
+                    where=f"{where}: {split}[{i}]",
+                    fix="re-download the file",
                 )
             records.append((normalise_text(pair[0]), pair[1].strip(), split, f"{file}:{split}:{i}"))
     return pd.DataFrame.from_records(records, columns=CANONICAL_COLUMNS)

@@ -107,9 +107,13 @@ def fetch_bytes(location: str, timeout_s: float = 60, retries: int = 3) -> bytes
             fix=f"check the path; a mirror ({MIRROR_ENV}) must be laid out as <dataset>/<file>",
         ) from err
     except IsADirectoryError as err:
-        raise UserError("expected a file but found a directory", where=location, fix="point at the file itself") from err
+        raise UserError(
+            "expected a file but found a directory", where=location, fix="point at the file itself"
+        ) from err
     except (ImportError, ValueError) as err:  # unknown protocol or missing fsspec backend
-        raise UserError(f"cannot open this URL: {err}", where=location, fix="install the fsspec backend for it") from err
+        raise UserError(
+            f"cannot open this URL: {err}", where=location, fix="install the fsspec backend for it"
+        ) from err
 
 
 def verify_sha256(data: bytes, expected: str | None, where: str, key: str) -> str:
@@ -127,7 +131,9 @@ def verify_sha256(data: bytes, expected: str | None, where: str, key: str) -> st
     return digest
 
 
-def fetch_verified(spec: FileSpec, dataset: str, mirror: str | None, timeout_s: float, retries: int) -> tuple[bytes, str, str]:
+def fetch_verified(
+    spec: FileSpec, dataset: str, mirror: str | None, timeout_s: float, retries: int
+) -> tuple[bytes, str, str]:
     """Fetch one configured file and verify it.
 
     Returns:

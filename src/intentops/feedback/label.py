@@ -15,13 +15,12 @@ import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from itertools import combinations
-from pathlib import Path
 from typing import Any, TextIO
 
 import pandas as pd
 
+from intentops.data.taxonomy import Taxonomy
 from intentops.errors import UserError
 from intentops.feedback import store
 
@@ -32,38 +31,27 @@ _NEW_NAME = re.compile(r"[a-z][a-z0-9_]*")
 _SKIP = {"", "s", "skip"}
 _QUIT = {"q", "quit"}
 
+# The columns of labels.csv (`intentops label export`), in order.
+EXPORT_COLUMNS = [
+    "text",
+    "label",
+    "prediction_id",
+    "method",
+    "votes",
+    "n_annotators",
+    "adjudicator",
+    "adjudication_reason",
+    "model_version",
+    "suggested_intent",
+    "guideline_version",
+]
+
 PENDING, MAJORITY, ADJUDICATED, NEEDS_ADJUDICATION = (
     "pending",
     "majority",
     "adjudicated",
     "needs_adjudication",
 )
-
-
-@dataclass(frozen=True)
-class Taxonomy:
-    labels: tuple[str, ...]
-    oos_label: str | None = None
-
-    @classmethod
-    def read(cls, path: str | Path) -> Taxonomy:
-        """Read the taxonomy JSON that `ingest` writes ({"labels": [...], "oos_label": ...})."""
-        path = Path(path)
-        if not path.is_file():
-            raise UserError("taxonomy not found", where=str(path), fix="run `dvc repro ingest` first")
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-            return cls(tuple(record["labels"]), record.get("oos_label"))
-        except (ValueError, KeyError, TypeError) as err:
-            raise UserError(
-                f"taxonomy is not a JSON object with a 'labels' list ({err})",
-                where=str(path),
-                fix="rerun `ingest`",
-            ) from err
-
-    def trainable(self, label: str) -> bool:
-        """Whether a label can go into training data: a taxonomy label or the dataset's out-of-scope label."""
-        return label in self.labels or (self.oos_label is not None and label == self.oos_label)
 
 
 def parse_answer(answer: str, taxonomy: Taxonomy, suggestions: list[str]) -> tuple[str | None, str | None]:
@@ -201,15 +189,7 @@ def label_session(
         counts of items `shown`, `labelled` and `skipped`.
     """
     items, votes, notes, adjudicated = load_state(engine)
-    todo = []
-    for item in items:
-        pid = item["prediction_id"]
-        item_votes = votes.get(pid, {})
-        _, method = resolve(item_votes.values(), min_annotators, (adjudicated.get(pid) or {}).get("label"))
-        if adjudicate and method == NEEDS_ADJUDICATION:
-            todo.append(item)
-        elif not adjudicate and method == PENDING and annotator not in item_votes:
-            todo.append(item)
+    todo = items_to_show(items, votes, adjudicated, annotator, min_annotators, adjudicate)
     todo = todo[:limit] if limit is not None else todo
     counts = {"shown": 0, "labelled": 0, "skipped": 0}
     if not todo:
@@ -222,20 +202,10 @@ def label_session(
                 note = notes.get(pid, {}).get(who)
                 write(f"  {who}: {label}" + (f"  # {note}" if note else ""))
         counts["shown"] += 1
-        while True:
-            answer = read_line("adjudicate> " if adjudicate else "label> ")
-            if answer is None or answer.strip().lower() in _QUIT:
-                return counts
-            try:
-                label, note = parse_answer(answer, taxonomy, suggestions)
-                if adjudicate and label == UNCLEAR:
-                    raise ValueError("an adjudication decides: give a label, out_of_scope or new:<name>")
-                if adjudicate and label is not None and not note:
-                    raise ValueError("an adjudication needs a one-line reason: <label> # <reason>")
-            except ValueError as err:
-                write(f"  ! {err}")
-                continue
-            break
+        answer = ask(taxonomy, suggestions, adjudicate, read_line, write)
+        if answer is None:
+            return counts
+        label, note = answer
         if label is None:
             counts["skipped"] += 1
         elif adjudicate:
@@ -243,6 +213,52 @@ def label_session(
         else:
             counts["labelled"] += store.add_annotation(engine, pid, annotator, label, note)
     return counts
+
+
+def items_to_show(
+    items: list[dict],
+    votes: Mapping,
+    adjudicated: Mapping,
+    annotator: str,
+    min_annotators: int,
+    adjudicate: bool,
+) -> list[dict]:
+    """Items waiting for this annotator's vote (not yet voted by them), or, to adjudicate, items without a
+    strict majority."""
+    todo = []
+    for item in items:
+        pid = item["prediction_id"]
+        item_votes = votes.get(pid, {})
+        _, method = resolve(item_votes.values(), min_annotators, (adjudicated.get(pid) or {}).get("label"))
+        if adjudicate and method == NEEDS_ADJUDICATION:
+            todo.append(item)
+        elif not adjudicate and method == PENDING and annotator not in item_votes:
+            todo.append(item)
+    return todo
+
+
+def ask(
+    taxonomy: Taxonomy,
+    suggestions: list[str],
+    adjudicate: bool,
+    read_line: Callable[[str], str | None],
+    write: Callable[[str], None],
+) -> tuple[str | None, str | None] | None:
+    """Read answers until one parses: (label or None to skip, note); None when the annotator quits."""
+    while True:
+        answer = read_line("adjudicate> " if adjudicate else "label> ")
+        if answer is None or answer.strip().lower() in _QUIT:
+            return None
+        try:
+            label, note = parse_answer(answer, taxonomy, suggestions)
+            if adjudicate and label == UNCLEAR:
+                raise ValueError("an adjudication decides: give a label, out_of_scope or new:<name>")
+            if adjudicate and label is not None and not note:
+                raise ValueError("an adjudication needs a one-line reason: <label> # <reason>")
+        except ValueError as err:
+            write(f"  ! {err}")
+            continue
+        return label, note
 
 
 def export_table(
@@ -282,35 +298,27 @@ def export_table(
             status["not_trainable"] += 1
             continue
         status["exported"] += 1
-        rows.append(
-            {
-                "text": item["text"],
-                "label": label,
-                "prediction_id": pid,
-                "method": method,
-                "votes": json.dumps(item_votes, sort_keys=True),
-                "n_annotators": len(item_votes),
-                "adjudicator": adj["adjudicator"] if adj else "",
-                "adjudication_reason": adj["reason"] if adj else "",
-                "model_version": item["model_version"],
-                "suggested_intent": item["suggested_intent"],
-                "guideline_version": guideline_version,
-            }
-        )
-    columns = [
-        "text",
-        "label",
-        "prediction_id",
-        "method",
-        "votes",
-        "n_annotators",
-        "adjudicator",
-        "adjudication_reason",
-        "model_version",
-        "suggested_intent",
-        "guideline_version",
-    ]
-    return pd.DataFrame(rows, columns=columns), dict(status)
+        rows.append(export_row(item, label, method, item_votes, adj, guideline_version))
+    return pd.DataFrame(rows, columns=EXPORT_COLUMNS), dict(status)
+
+
+def export_row(
+    item: dict, label: str, method: str, item_votes: dict, adj: Mapping | None, guideline_version: str
+) -> dict[str, Any]:
+    """One labels.csv row: the text, its resolved label and how it was decided (EXPORT_COLUMNS)."""
+    return {
+        "text": item["text"],
+        "label": label,
+        "prediction_id": item["prediction_id"],
+        "method": method,
+        "votes": json.dumps(item_votes, sort_keys=True),
+        "n_annotators": len(item_votes),
+        "adjudicator": adj["adjudicator"] if adj else "",
+        "adjudication_reason": adj["reason"] if adj else "",
+        "model_version": item["model_version"],
+        "suggested_intent": item["suggested_intent"],
+        "guideline_version": guideline_version,
+    }
 
 
 def _stdin_reader(stdin: TextIO, stdout: TextIO) -> Callable[[str], str | None]:

@@ -173,11 +173,16 @@ def make_engine(
     return engine
 
 
-def engine_from_params(params: Any) -> Engine:
-    """The engine for the configured store (paths.feedback_db or $INTENTOPS_DB_URL)."""
+def engine_from_params(params: Any, sqlite_path: str | os.PathLike | None = None) -> Engine:
+    """The engine for the configured store: $INTENTOPS_DB_URL, else the SQLite file `sqlite_path`.
+
+    Args:
+        params: the composed parameters (feedback.store holds the pool and busy-timeout settings).
+        sqlite_path: the SQLite file; paths.feedback_db when None (the API passes serving.store.db).
+    """
     s = params.feedback.store
     return make_engine(
-        db_url(params.paths.feedback_db),
+        db_url(params.paths.feedback_db if sqlite_path is None else sqlite_path),
         busy_timeout_ms=s.busy_timeout_ms,
         pool_size=s.pool_size,
         max_overflow=s.max_overflow,
@@ -345,7 +350,9 @@ def prune(engine: Engine, retention_days: int, now: datetime | None = None) -> d
                 review_queue.delete().where(review_queue.c.created_at < cutoff)
             ).rowcount,
             "feedback": conn.execute(feedback.delete().where(feedback.c.created_at < cutoff)).rowcount,
-            "predictions": conn.execute(predictions.delete().where(predictions.c.created_at < cutoff)).rowcount,
+            "predictions": conn.execute(
+                predictions.delete().where(predictions.c.created_at < cutoff)
+            ).rowcount,
         }
 
 

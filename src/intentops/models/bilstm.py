@@ -9,12 +9,25 @@ from torch import nn
 class BiLSTMClassifier(nn.Module):
     """Embedding -> BiLSTM -> masked max-pool over time -> dropout -> linear."""
 
-    def __init__(self, vocab_size: int, n_classes: int, embed_dim: int = 128, hidden: int = 128,
-                 layers: int = 1, dropout: float = 0.3):
+    def __init__(
+        self,
+        vocab_size: int,
+        n_classes: int,
+        embed_dim: int = 128,
+        hidden: int = 128,
+        layers: int = 1,
+        dropout: float = 0.3,
+    ):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
-        self.lstm = nn.LSTM(embed_dim, hidden, num_layers=layers, batch_first=True, bidirectional=True,
-                            dropout=dropout if layers > 1 else 0.0)
+        self.lstm = nn.LSTM(
+            embed_dim,
+            hidden,
+            num_layers=layers,
+            batch_first=True,
+            bidirectional=True,
+            dropout=dropout if layers > 1 else 0.0,
+        )
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(2 * hidden, n_classes)
 

@@ -44,8 +44,13 @@ def collate(features: Features, labels: np.ndarray | None, idx: list[int]) -> di
 class IntentDataModule(pl.LightningDataModule):
     """Train/val/test feature tables with integer labels; batches are dicts of tensors plus "label"."""
 
-    def __init__(self, features: dict[str, Features], labels: dict[str, np.ndarray], batch_size: int = 128,
-                 eval_batch_size: int = 512):
+    def __init__(
+        self,
+        features: dict[str, Features],
+        labels: dict[str, np.ndarray],
+        batch_size: int = 128,
+        eval_batch_size: int = 512,
+    ):
         super().__init__()
         self.features, self.labels = features, labels
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size

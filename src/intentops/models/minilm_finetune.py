@@ -14,12 +14,13 @@ class MiniLMClassifier(nn.Module):
         vocab_size: accepted for a uniform constructor; the encoder fixes its own vocabulary.
     """
 
-    def __init__(self, n_classes: int, encoder: str | None = None, dropout: float = 0.1,
-                 vocab_size: int | None = None):
+    def __init__(
+        self, n_classes: int, encoder: str | None = None, dropout: float = 0.1, vocab_size: int | None = None
+    ):
         super().__init__()
         from transformers import AutoModel
 
-        from intentops.embed import resolve_encoder
+        from intentops.models.encoder import resolve_encoder
 
         # from_pretrained returns eval mode; Lightning keeps submodule modes, so re-enable dropout for training.
         self.encoder = AutoModel.from_pretrained(resolve_encoder(encoder)).train()
@@ -27,7 +28,9 @@ class MiniLMClassifier(nn.Module):
         self.classifier = nn.Linear(self.encoder.config.hidden_size, n_classes)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (b, L, h)
+        hidden = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state  # (b, L, h)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (b, L, 1)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (b, h), as sentence-transformers pools
         return self.classifier(self.dropout(pooled))

@@ -15,11 +15,17 @@ class EmbeddingTfidfFeaturizer:
     """Texts -> {"emb": (n, 384) float32, "tfidf": (n, V) CSR}; TF-IDF is fit on the training texts.
 
     The encoder is loaded lazily by name and never pickled, so a saved featurizer is only the vectoriser.
-    `layers` (embed.layers) picks the hidden states pooled into "emb" (`intentops.embed.run_embed`).
+    `layers` (embed.layers) picks the hidden states pooled into "emb" (`intentops.models.encoder.run_embed`).
     """
 
-    def __init__(self, encoder: str | None = None, batch_size: int = 64, max_seq_length: int | None = None,
-                 tfidf: dict | None = None, layers: Sequence[int] | None = None):
+    def __init__(
+        self,
+        encoder: str | None = None,
+        batch_size: int = 64,
+        max_seq_length: int | None = None,
+        tfidf: dict | None = None,
+        layers: Sequence[int] | None = None,
+    ):
         self.encoder_name, self.batch_size, self.max_seq_length = encoder, batch_size, max_seq_length
         self.layers = list(layers) if layers else None
         self.vectorizer = make_tfidf(**(tfidf or {}))
@@ -29,7 +35,7 @@ class EmbeddingTfidfFeaturizer:
         return {k: v for k, v in self.__dict__.items() if k != "_encoder"} | {"_encoder": None}
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        from intentops.embed import load_encoder, run_embed
+        from intentops.models.encoder import load_encoder, run_embed
 
         if self._encoder is None:
             self._encoder = load_encoder(self.encoder_name)
@@ -66,14 +72,29 @@ class EmbTfidfHead(nn.Module):
     Only matrix products and a log, so it traces into the ONNX graph with the rest of the head.
     """
 
-    def __init__(self, emb_dim: int, tfidf_dim: int, n_classes: int, hidden: int = 0, dropout: float = 0.0,
-                 emb_scale: float = 3.0, knn_weight: float = 0.0, knn_tau: float = 0.02, bank_size: int = 0):
+    def __init__(
+        self,
+        emb_dim: int,
+        tfidf_dim: int,
+        n_classes: int,
+        hidden: int = 0,
+        dropout: float = 0.0,
+        emb_scale: float = 3.0,
+        knn_weight: float = 0.0,
+        knn_tau: float = 0.02,
+        bank_size: int = 0,
+    ):
         super().__init__()
         self.emb_scale, self.knn_weight, self.knn_tau = emb_scale, knn_weight, knn_tau
         in_dim = emb_dim + tfidf_dim
         if hidden:
-            self.layers = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.GELU(),
-                                        nn.Dropout(dropout), nn.Linear(hidden, n_classes))
+            self.layers = nn.Sequential(
+                nn.Dropout(dropout),
+                nn.Linear(in_dim, hidden),
+                nn.GELU(),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, n_classes),
+            )
         else:
             self.layers = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, n_classes))
         # Empty until attach_memory; a saved bundle records bank_size so that loading recreates the shapes.
@@ -83,8 +104,9 @@ class EmbTfidfHead(nn.Module):
     def attach_memory(self, embeddings: np.ndarray, labels: np.ndarray) -> int:
         """Keep `embeddings` (m, emb_dim), L2-normalised, and their label ids (m,) for the memory term; returns m."""
         self.bank = torch.as_tensor(np.asarray(embeddings, dtype=np.float32)).clone()
-        self.bank_onehot = nn.functional.one_hot(torch.tensor(np.asarray(labels, dtype=np.int64)),
-                                                 self.bank_onehot.shape[1]).float()
+        self.bank_onehot = nn.functional.one_hot(
+            torch.tensor(np.asarray(labels, dtype=np.int64)), self.bank_onehot.shape[1]
+        ).float()
         return len(self.bank)
 
     def memory_logits(self, emb: torch.Tensor) -> torch.Tensor:

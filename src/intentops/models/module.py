@@ -24,16 +24,25 @@ class IntentClassifier(pl.LightningModule):
         scheduler: "onecycle" or None; OneCycle needs the trainer's total step count.
     """
 
-    def __init__(self, net: nn.Module, n_classes: int, optimizer: Callable, label_smoothing: float = 0.0,
-                 scheduler: str | None = "onecycle", warmup_fraction: float = 0.1):
+    def __init__(
+        self,
+        net: nn.Module,
+        n_classes: int,
+        optimizer: Callable,
+        label_smoothing: float = 0.0,
+        scheduler: str | None = "onecycle",
+        warmup_fraction: float = 0.1,
+    ):
         super().__init__()
         self.net, self.optimizer_fn = net, optimizer
         self.scheduler, self.warmup_fraction = scheduler, warmup_fraction
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        base = MetricCollection({
-            "accuracy": MulticlassAccuracy(num_classes=n_classes, average="micro"),
-            "macro_f1": MulticlassF1Score(num_classes=n_classes, average="macro"),
-        })
+        base = MetricCollection(
+            {
+                "accuracy": MulticlassAccuracy(num_classes=n_classes, average="micro"),
+                "macro_f1": MulticlassF1Score(num_classes=n_classes, average="macro"),
+            }
+        )
         # One collection per split, so epoch-level values never mix splits.
         # ("train" itself would shadow nn.Module.train, hence the suffix.)
         self.metrics = nn.ModuleDict({f"{s}_metrics": base.clone(prefix=f"{s}/") for s in SPLITS})
@@ -67,7 +76,9 @@ class IntentClassifier(pl.LightningModule):
             return opt
         max_lr = [g["lr"] for g in opt.param_groups]
         sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=max_lr, total_steps=max(int(self.trainer.estimated_stepping_batches), 1),
+            opt,
+            max_lr=max_lr,
+            total_steps=max(int(self.trainer.estimated_stepping_batches), 1),
             pct_start=self.warmup_fraction,
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -18,10 +18,17 @@ def make_tfidf(
 
     `char_wb` n-grams make the features robust to small typos and inflections, which word n-grams miss.
     """
-    common = dict(lowercase=True, sublinear_tf=sublinear_tf, min_df=min_df, max_features=max_features,
-                  dtype=np.float32)
-    return FeatureUnion([
-        ("word", TfidfVectorizer(analyzer="word", ngram_range=tuple(word_ngram), token_pattern=r"(?u)\b\w+\b",
-                                 **common)),
-        ("char", TfidfVectorizer(analyzer="char_wb", ngram_range=tuple(char_ngram), **common)),
-    ])
+    common = dict(
+        lowercase=True, sublinear_tf=sublinear_tf, min_df=min_df, max_features=max_features, dtype=np.float32
+    )
+    return FeatureUnion(
+        [
+            (
+                "word",
+                TfidfVectorizer(
+                    analyzer="word", ngram_range=tuple(word_ngram), token_pattern=r"(?u)\b\w+\b", **common
+                ),
+            ),
+            ("char", TfidfVectorizer(analyzer="char_wb", ngram_range=tuple(char_ngram), **common)),
+        ]
+    )

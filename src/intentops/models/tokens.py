@@ -29,7 +29,7 @@ class TokenFeaturizer:
 
             from tokenizers import Tokenizer
 
-            from intentops.embed import resolve_encoder
+            from intentops.models.encoder import resolve_encoder
 
             path = Path(resolve_encoder(self.tokenizer_path))
             self._tok = Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))

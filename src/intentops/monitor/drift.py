@@ -265,6 +265,24 @@ def dispatch_drift(report: Mapping[str, Any]) -> None:
     )
 
 
+def load_current(profiles: str, last_n: int, min_rows: int) -> tuple[Any, list[str], int]:
+    """The merged view of the last `last_n` closed windows, their paths and row count; refuses too few rows."""
+    if last_n < 1:
+        raise UserError(
+            f"--last-n must be at least 1, got {last_n}", where="--last-n", fix="pass --last-n 1 or more"
+        )
+    current_view, windows = load_windows(profiles, last_n)
+    current_rows = row_count(current_view)
+    if current_rows < min_rows:
+        raise UserError(
+            f"only {current_rows} rows in the last {len(windows)} window(s); at least {min_rows} are needed "
+            "for a meaningful test",
+            where=str(profiles),
+            fix="raise --last-n, wait for more traffic, or lower monitor.drift.min_rows",
+        )
+    return current_view, windows, current_rows
+
+
 def main(
     params: Any,
     *,
@@ -290,21 +308,8 @@ def main(
     reference = reference or paths.monitoring_reference
     profiles = profiles or paths.monitoring_profiles
     last_n = int(last_n if last_n is not None else cfg.last_n)
-    if last_n < 1:
-        raise UserError(
-            f"--last-n must be at least 1, got {last_n}", where="--last-n", fix="pass --last-n 1 or more"
-        )
-
     reference_view = read_reference(reference)
-    current_view, windows = load_windows(profiles, last_n)
-    current_rows = row_count(current_view)
-    if current_rows < int(cfg.min_rows):
-        raise UserError(
-            f"only {current_rows} rows in the last {len(windows)} window(s); at least {cfg.min_rows} are needed "
-            "for a meaningful test",
-            where=str(profiles),
-            fix="raise --last-n, wait for more traffic, or lower monitor.drift.min_rows",
-        )
+    current_view, windows, current_rows = load_current(profiles, last_n, int(cfg.min_rows))
     report = compare(reference_view, current_view, cfg)
     report.update(reference=str(reference), profiles=str(profiles), windows=windows)
     write_json(paths.drift_report, report)
@@ -313,8 +318,10 @@ def main(
     print(f"drift report: {paths.drift_report}, {paths.drift_html}, {paths.drift_plot}", flush=True)
 
     if not report["drift"]:
-        print(f"no drift ({current_rows} rows, {len(windows)} window(s)); report: {paths.drift_report}"
-              + ("; nothing to retrain" if retrain else ""))
+        print(
+            f"no drift ({current_rows} rows, {len(windows)} window(s)); report: {paths.drift_report}"
+            + ("; nothing to retrain" if retrain else "")
+        )
         return report
     if dispatch:
         dispatch_drift(report)

@@ -13,23 +13,10 @@ from typing import Any
 
 import pandas as pd
 
+from intentops.data.text import DIGIT, has_amount, has_digits
+
 # Simple word tokens; digits are folded to 0 so that "£20" and "£50" share a vocabulary entry.
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-_DIGIT = re.compile(r"\d")
-_CURRENCY_SYMBOLS = "£$€¥₹₩₽₺¢"
-_CURRENCY_WORDS = (
-    r"usd|eur|gbp|jpy|chf|cad|aud|nzd|sek|nok|dkk|pln|czk|huf|inr|cny|hkd|sgd|mxn|brl|zar|try|rub"
-    r"|dollars?|euros?|pounds?|quid|bucks|yen|francs?|rupees?|pence|cents?"
-)
-_NUMBER = r"\d+(?:[.,]\d+)*"
-_AMOUNT = re.compile(
-    rf"[{_CURRENCY_SYMBOLS}]\s?{_NUMBER}"  # £20, $ 5.50
-    rf"|{_NUMBER}\s?[{_CURRENCY_SYMBOLS}]"  # 20€
-    rf"|\b{_NUMBER}\s?(?:{_CURRENCY_WORDS})\b"  # 100 euros, 20usd
-    rf"|\b(?:{_CURRENCY_WORDS})\s?{_NUMBER}",  # EUR 50
-    re.IGNORECASE,
-)
-
 TEXT_FEATURES = ("length_chars", "length_tokens", "oov_rate", "has_digits", "has_amount")
 PREDICTION_FEATURES = ("predicted_intent", "confidence", "margin")
 # The only string-valued feature; every other column is numeric. Profiles refuse other string columns.
@@ -38,7 +25,7 @@ CATEGORICAL_FEATURES = ("predicted_intent",)
 
 def tokenize(text: str) -> list[str]:
     """Lower-cased word tokens with every digit replaced by 0."""
-    return _TOKEN.findall(_DIGIT.sub("0", text.lower()))
+    return _TOKEN.findall(DIGIT.sub("0", text.lower()))
 
 
 def build_vocab(texts: Iterable[str], min_count: int = 1) -> frozenset[str]:
@@ -55,8 +42,8 @@ def text_features(text: str, vocab: frozenset[str] | set[str]) -> dict[str, Any]
         "length_chars": len(text),
         "length_tokens": len(tokens),
         "oov_rate": oov / len(tokens) if tokens else 0.0,
-        "has_digits": int(bool(_DIGIT.search(text))),
-        "has_amount": int(bool(_AMOUNT.search(text))),
+        "has_digits": int(has_digits(text)),
+        "has_amount": int(has_amount(text)),
     }
 
 

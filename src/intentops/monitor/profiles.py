@@ -84,7 +84,7 @@ def reference_profile(
 
 def reference_predictions(bundle_dir: str, texts: Sequence[str]) -> list[dict[str, Any]]:
     """The model's outputs on `texts` through the one Predictor, as serving computes them (top-2 for the margin)."""
-    from intentops.predictor import Predictor
+    from intentops.inference.predictor import Predictor
 
     return Predictor.load(bundle_dir).predict(list(texts), top_k=2)
 

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +23,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from intentops.config import API_KEY_ENV
 from intentops.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,9 @@ def exported_ids(labels_csv: str | os.PathLike) -> set[str]:
 
 def new_label_count(params: Any) -> tuple[int, dict[str, int]]:
     """(resolved labels in the store that the labels file does not hold yet, status of every queue item)."""
+    from intentops.data.taxonomy import Taxonomy
     from intentops.feedback import store
-    from intentops.feedback.label import Taxonomy, export_table, load_state
+    from intentops.feedback.label import export_table, load_state
 
     engine = store.engine_from_params(params)
     try:
@@ -93,12 +94,12 @@ def stages_run(output: str) -> dict[str, list[str]]:
 
 def dvc_repro(root: Path, log_line: Callable[[str], None] = print) -> tuple[float, str]:
     """Run `dvc repro` in `root` with this interpreter's tools first on PATH; returns (seconds, its output)."""
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    dvc = Path(bin_dir) / "dvc"
+    from intentops.scratch import tool_env
+
+    env = tool_env()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [str(dvc) if dvc.is_file() else "dvc", "repro"],
+        ["dvc", "repro"],  # tool_env puts this interpreter's dvc first on PATH
         cwd=root,
         env=env,
         stdout=subprocess.PIPE,
@@ -122,7 +123,7 @@ def dvc_repro(root: Path, log_line: Callable[[str], None] = print) -> tuple[floa
 
 
 def read_gate(path: str | os.PathLike) -> dict[str, Any]:
-    """The promotion gate's decision (reports/promote/gate.json)."""
+    """The promotion gate's decision (the promote stage's paths.promote_gate)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(
@@ -136,7 +137,7 @@ def read_gate(path: str | os.PathLike) -> dict[str, Any]:
 def wait_for_swap(serve_url: str, version: str, timeout_s: float, poll_s: float = 1.0) -> float:
     """Poll GET <serve_url>/v1/model until it serves `version`; returns the seconds waited."""
     headers = {}
-    key = (os.environ.get("INTENTOPS_API_KEY") or "").split(",")[0].strip()
+    key = (os.environ.get(API_KEY_ENV) or "").split(",")[0].strip()
     if key:
         headers["X-API-Key"] = key
     t0 = time.perf_counter()
@@ -159,6 +160,39 @@ def wait_for_swap(serve_url: str, version: str, timeout_s: float, poll_s: float 
     )
 
 
+def require_new_labels(params: Any, report: Mapping[str, Any]) -> int:
+    """The number of new reviewed labels; raises TooFewLabels below monitor.retrain.min_new_labels."""
+    from intentops.feedback.store import DB_URL_ENV
+
+    cfg, paths = params.monitor.retrain, params.paths
+    n_new, status = new_label_count(params)
+    if n_new < int(cfg.min_new_labels):
+        raise TooFewLabels(
+            f"drift in {', '.join(report['drifted_features'])}, but only {n_new} new reviewed label(s) "
+            f"(queue status: {status}); retraining needs at least {cfg.min_new_labels}",
+            where=f"review queue ({paths.feedback_db} or ${DB_URL_ENV})",
+            fix="label the queue (`intentops label --annotator NAME`, several annotators), then rerun; "
+            "or lower monitor.retrain.min_new_labels",
+        )
+    return n_new
+
+
+def require_promotion(gate: Mapping[str, Any], before: str | None, after: str | None, gate_path: str) -> None:
+    """Raise NotPromoted unless the gate promoted a model other than the one in production before."""
+    if gate.get("promoted") and after != before:
+        return
+    raise NotPromoted(
+        f"retrained, but production stays {before}: "
+        + (
+            "; ".join(gate.get("reasons", []))
+            if not gate.get("promoted")
+            else f"the challenger {gate.get('challenger')} is the model already in production"
+        ),
+        where=str(gate_path),
+        fix="read the gate's reasons; label more (or better) data, or change the model, and rerun",
+    )
+
+
 def retrain(
     params: Any, report: Mapping[str, Any], serve_url: str | None = None, root: Path | None = None
 ) -> dict[str, Any]:
@@ -168,19 +202,11 @@ def retrain(
         TooFewLabels, NotPromoted, UserError: see the exit codes above.
     """
     from intentops.feedback.label import main_export
-    from intentops.registry import Registry
+    from intentops.inference.registry import Registry
 
     cfg, paths = params.monitor.retrain, params.paths
     root = Path(root or Path.cwd())
-    n_new, status = new_label_count(params)
-    if n_new < int(cfg.min_new_labels):
-        raise TooFewLabels(
-            f"drift in {', '.join(report['drifted_features'])}, but only {n_new} new reviewed label(s) "
-            f"(queue status: {status}); retraining needs at least {cfg.min_new_labels}",
-            where=f"review queue ({paths.feedback_db} or $INTENTOPS_DB_URL)",
-            fix="label the queue (`intentops label --annotator NAME`, several annotators), then rerun; "
-            "or lower monitor.retrain.min_new_labels",
-        )
+    n_new = require_new_labels(params, report)
     t0 = time.perf_counter()
     print(f"retrain 1/4: exporting {n_new} new reviewed label(s) to {paths.feedback_labels}", flush=True)
     exported = main_export(params)
@@ -203,17 +229,7 @@ def retrain(
         "production_before": before,
         "production_after": after,
     }
-    if not gate.get("promoted") or after == before:
-        raise NotPromoted(
-            f"retrained, but production stays {before}: "
-            + (
-                "; ".join(gate.get("reasons", []))
-                if not gate.get("promoted")
-                else f"the challenger {gate.get('challenger')} is the model already in production"
-            ),
-            where=str(paths.promote_gate),
-            fix="read the gate's reasons; label more (or better) data, or change the model, and rerun",
-        )
+    require_promotion(gate, before, after, paths.promote_gate)
     print(f"retrain 4/4: production {before} -> {after}", flush=True)
     if serve_url:
         result["swap_seconds"] = round(wait_for_swap(serve_url, after, float(cfg.swap_timeout_s)), 1)

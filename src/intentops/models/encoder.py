@@ -1,22 +1,20 @@
-"""Stage `embed`: encode every split with a frozen sentence encoder, once, so head changes never re-encode."""
+"""The frozen sentence encoder: resolving and loading it, and pooling its hidden states into sentence vectors.
+
+Shared by the `embed` stage, the featurizers in `intentops.models` and the ONNX graph `export` traces, so all of
+them compute the same vector.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from intentops.config import load_params
-from intentops.errors import UserError, cli_entry
-from intentops.io import atomic_path, write_json
+from intentops.errors import UserError
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
 
 
 def resolve_encoder(name: str | None) -> str:
@@ -53,7 +51,11 @@ def check_layers(layers, n_layers: int) -> list[int] | None:
     """
     if layers is None or len(layers) == 0:
         return None
-    bad = [x for x in layers if isinstance(x, bool) or not isinstance(x, int) or not -n_layers - 1 <= x <= n_layers]
+    bad = [
+        x
+        for x in layers
+        if isinstance(x, bool) or not isinstance(x, int) or not -n_layers - 1 <= x <= n_layers
+    ]
     if bad:
         raise UserError(
             f"embed.layers {list(layers)} has {bad}: not a hidden-state index of a {n_layers}-layer encoder",
@@ -69,7 +71,7 @@ def pool_layers(hidden_states, attention_mask, layers: list[int]):
 
     The concatenation is divided by sqrt(len(layers)) so it has unit norm: a dot product of two such vectors
     is the mean of the per-layer cosines. `layers == [-1]` is sentence-transformers' mean + normalise.
-    Shared by `run_embed` and the exported ONNX graph (intentops.export), so both compute the same vector.
+    Shared by `run_embed` and the exported ONNX graph (intentops.stages.export), so both compute the same vector.
 
     Args:
         hidden_states: sequence of (b, L, d) tensors, Hugging Face's `output_hidden_states`.
@@ -81,12 +83,15 @@ def pool_layers(hidden_states, attention_mask, layers: list[int]):
 
     mask = attention_mask.unsqueeze(-1).to(hidden_states[-1].dtype)  # (b, L, 1)
     count = mask.sum(1).clamp(min=1e-9)
-    parts = [torch.nn.functional.normalize((hidden_states[i] * mask).sum(1) / count, p=2, dim=1) for i in layers]
+    parts = [
+        torch.nn.functional.normalize((hidden_states[i] * mask).sum(1) / count, p=2, dim=1) for i in layers
+    ]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1) / math.sqrt(len(parts))
 
 
-def run_embed(encoder, texts: list[str], batch_size: int = 64, progress: bool = False,
-              layers: list[int] | None = None) -> np.ndarray:
+def run_embed(
+    encoder, texts: list[str], batch_size: int = 64, progress: bool = False, layers: list[int] | None = None
+) -> np.ndarray:
     """Encode `texts` into unit-norm float32 vectors, shape (n, dim).
 
     Args:
@@ -96,8 +101,11 @@ def run_embed(encoder, texts: list[str], batch_size: int = 64, progress: bool = 
     """
     if not layers:
         vecs = encoder.encode(
-            list(texts), batch_size=batch_size, show_progress_bar=progress,
-            convert_to_numpy=True, normalize_embeddings=True,
+            list(texts),
+            batch_size=batch_size,
+            show_progress_bar=progress,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
         )
         return np.asarray(vecs, dtype=np.float32).reshape(len(texts), -1)
     import torch
@@ -110,40 +118,16 @@ def run_embed(encoder, texts: list[str], batch_size: int = 64, progress: bool = 
     n_batches = max(1, math.ceil(len(texts) / batch_size))
     with torch.inference_mode():
         for b, start in enumerate(range(0, len(texts), batch_size)):
-            idx = order[start:start + batch_size]
-            tokens = encoder.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                       max_length=int(encoder.max_seq_length), return_tensors="pt")
+            idx = order[start : start + batch_size]
+            tokens = encoder.tokenizer(
+                [texts[i] for i in idx],
+                padding=True,
+                truncation=True,
+                max_length=int(encoder.max_seq_length),
+                return_tensors="pt",
+            )
             hidden = bert(**tokens, output_hidden_states=True).hidden_states
             out[idx] = pool_layers(hidden, tokens["attention_mask"], layers).float().numpy()
             if progress and (b + 1) % max(1, n_batches // 10) == 0:
                 log.info("embed: %d/%d batches", b + 1, n_batches)
     return out
-
-
-@cli_entry
-def main() -> None:
-    cfg = load_params()
-    paths, ecfg = cfg.paths, cfg.embed
-    import torch
-
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    encoder = load_encoder(ecfg.model)
-    if ecfg.get("max_seq_length"):
-        encoder.max_seq_length = int(ecfg.max_seq_length)
-    layers = check_layers(ecfg.get("layers"), int(encoder[0].auto_model.config.num_hidden_layers))
-    with atomic_path(paths.embeddings_dir) as tmp:
-        tmp.mkdir(parents=True)
-        shapes = {}
-        for split in SPLITS:
-            texts = pd.read_parquet(paths[split], columns=["text"])["text"].tolist()
-            log.info("embed: encoding %d %s sentences", len(texts), split)
-            vecs = run_embed(encoder, texts, ecfg.batch_size, progress=True, layers=layers)
-            np.save(Path(tmp) / f"{split}.npy", vecs)
-            shapes[split] = list(vecs.shape)
-        write_json(Path(tmp) / "meta.json", {"encoder": resolve_encoder(ecfg.model), "shapes": shapes,
-                                             "max_seq_length": encoder.max_seq_length, "layers": layers})
-    log.info("embed: wrote %s", shapes)
-
-
-if __name__ == "__main__":
-    main()

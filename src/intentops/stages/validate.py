@@ -16,8 +16,9 @@ import pandas as pd
 
 from intentops.config import load_params
 from intentops.data.readers import match_key
+from intentops.data.taxonomy import Taxonomy
 from intentops.errors import DataValidationError, cli_entry
-from intentops.io import atomic_path, read_json, write_json
+from intentops.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ def derive_row_checks(table: pd.DataFrame) -> pd.DataFrame:
     test_texts, other_texts = set(df.loc[is_test, "text"].dropna()), set(df.loc[~is_test, "text"].dropna())
     df["leaks_into_test"] = df["text"].isin(test_texts & other_texts)
     is_feedback = df["origin_split"] == FEEDBACK_SPLIT
-    df["feedback_repeat"] = is_feedback & df[is_feedback].duplicated("text_key").reindex(df.index, fill_value=False)
+    df["feedback_repeat"] = is_feedback & df[is_feedback].duplicated("text_key").reindex(
+        df.index, fill_value=False
+    )
     return df
 
 
@@ -63,58 +66,80 @@ def class_counts(table: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
     return frame
 
 
-def build_suites(labels: list[str], oos_label: str | None, params) -> dict[str, list]:
+def build_suites(
+    labels: list[str], oos_label: str | None, params
+) -> dict[str, list]:  # long: one declarative list of expectations
     """The expectations of each suite, keyed by the name of the frame (and suite) they validate."""
     import great_expectations.expectations as gxe
 
     allowed = list(labels) + ([oos_label] if oos_label else [])
     W = "warning"
-    rows = [gxe.ExpectColumnToExist(column=c, description=f"required column `{c}` is present") for c in REQUIRED_COLUMNS]
+    rows = [
+        gxe.ExpectColumnToExist(column=c, description=f"required column `{c}` is present")
+        for c in REQUIRED_COLUMNS
+    ]
     rows += [
         gxe.ExpectColumnValuesToNotBeNull(column="text", description="text is non-null"),
         gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=r"^\s*$", description="text is not blank"),
         gxe.ExpectColumnValueLengthsToBeBetween(
-            column="text", min_value=params.text_min_chars, max_value=params.text_max_chars,
+            column="text",
+            min_value=params.text_min_chars,
+            max_value=params.text_max_chars,
             description=f"text length is within [{params.text_min_chars}, {params.text_max_chars}] characters",
         ),
         gxe.ExpectColumnValuesToNotBeNull(column="label", description="label is non-null"),
         gxe.ExpectColumnValuesToBeInSet(
-            column="label", value_set=allowed,
+            column="label",
+            value_set=allowed,
             description="labels are within the taxonomy (extended by intents proposed as new:<name> in feedback)",
         ),
         gxe.ExpectColumnValuesToBeInSet(
-            column="feedback_repeat", value_set=[False],
+            column="feedback_repeat",
+            value_set=[False],
             description="no duplicate texts in the reviewed feedback (data/feedback/labels.csv)",
         ),
         gxe.ExpectCompoundColumnsToBeUnique(
-            column_list=["origin_split", "text"], severity=W,
+            column_list=["origin_split", "text"],
+            severity=W,
             description="no exact duplicate texts within a split (after whitespace normalisation); `split` keeps one",
         ),
         gxe.ExpectColumnValuesToBeBetween(
-            column="labels_for_text_in_split", max_value=1,
+            column="labels_for_text_in_split",
+            max_value=1,
             description="no conflicting labels: the same normalised text never has two labels within a split",
         ),
         gxe.ExpectColumnValuesToBeInSet(
-            column="leaks_into_test", value_set=[False], severity="critical" if params.fail_on_leakage else W,
+            column="leaks_into_test",
+            value_set=[False],
+            severity="critical" if params.fail_on_leakage else W,
             description="no train/test leakage (exact text)"
             + ("" if params.fail_on_leakage else "; `split` drops the non-test copies"),
         ),
         gxe.ExpectCompoundColumnsToBeUnique(
-            column_list=["origin_split", "text_key"], severity=W,
+            column_list=["origin_split", "text_key"],
+            severity=W,
             description="no near-duplicates (case/whitespace) within a split; `split` keeps the first",
         ),
         gxe.ExpectColumnValuesToBeBetween(
-            column="labels_for_text_overall", max_value=1, severity=W,
+            column="labels_for_text_overall",
+            max_value=1,
+            severity=W,
             description="no conflicting labels across splits; `split` keeps only the test copy",
         ),
     ]
-    classes = [gxe.ExpectColumnValuesToBeBetween(
-        column="n_train", min_value=params.min_examples_per_class,
-        description=f"each taxonomy class has at least {params.min_examples_per_class} training examples",
-    ), gxe.ExpectColumnMaxToBeBetween(
-        column="ratio_to_smallest", max_value=params.imbalance_ratio_warn, severity=W,
-        description=f"class-imbalance ratio (largest/smallest class) is reported; warns above {params.imbalance_ratio_warn}",
-    )]
+    classes = [
+        gxe.ExpectColumnValuesToBeBetween(
+            column="n_train",
+            min_value=params.min_examples_per_class,
+            description=f"each taxonomy class has at least {params.min_examples_per_class} training examples",
+        ),
+        gxe.ExpectColumnMaxToBeBetween(
+            column="ratio_to_smallest",
+            max_value=params.imbalance_ratio_warn,
+            severity=W,
+            description=f"class-imbalance ratio (largest/smallest class) is reported; warns above {params.imbalance_ratio_warn}",
+        ),
+    ]
     return {"canonical_rows": rows, "class_counts": classes}
 
 
@@ -129,12 +154,17 @@ def run_validation(frames: dict[str, pd.DataFrame], suites: dict, docs_dir: Path
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     ctx = gx.get_context(mode="ephemeral")
-    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)  # one bar per metric batch is noise in `dvc repro`
+    ctx.variables.progress_bars = ProgressBarsConfig(
+        globally=False
+    )  # one bar per metric batch is noise in `dvc repro`
     ctx.add_data_docs_site(
         site_name="intentops",
         site_config={
             "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(docs_dir).resolve())},
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": str(Path(docs_dir).resolve()),
+            },
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
         },
     )
@@ -145,14 +175,19 @@ def run_validation(frames: dict[str, pd.DataFrame], suites: dict, docs_dir: Path
         suite = ctx.suites.add(gx.ExpectationSuite(name=name, meta={"version": SUITE_VERSION}))
         for expectation in suites[name]:
             suite.add_expectation(expectation)
-        vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"{name}_vd", data=batch, suite=suite))
-        checkpoint = ctx.checkpoints.add(gx.Checkpoint(
-            name=f"{name}_checkpoint",
-            validation_definitions=[vd],
-            actions=[UpdateDataDocsAction(name="docs", site_names=["intentops"])],
-            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["source_id"]}
-            if "source_id" in frame.columns else {"result_format": "COMPLETE"},
-        ))
+        vd = ctx.validation_definitions.add(
+            gx.ValidationDefinition(name=f"{name}_vd", data=batch, suite=suite)
+        )
+        checkpoint = ctx.checkpoints.add(
+            gx.Checkpoint(
+                name=f"{name}_checkpoint",
+                validation_definitions=[vd],
+                actions=[UpdateDataDocsAction(name="docs", site_names=["intentops"])],
+                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["source_id"]}
+                if "source_id" in frame.columns
+                else {"result_format": "COMPLETE"},
+            )
+        )
         run = checkpoint.run(batch_parameters={"dataframe": frame})
         for vr in run.run_results.values():
             for r in vr.results:
@@ -189,7 +224,11 @@ def _summarise(suite: str, r) -> dict:
 
 
 def _plain(x):
-    return {k: _plain(v) for k, v in x.items()} if isinstance(x, dict) else (x if isinstance(x, (str, int, float, bool, type(None))) else str(x))
+    return (
+        {k: _plain(v) for k, v in x.items()}
+        if isinstance(x, dict)
+        else (x if isinstance(x, (str, int, float, bool, type(None))) else str(x))
+    )
 
 
 def failure_message(summary: dict, table: pd.DataFrame) -> str:
@@ -198,13 +237,22 @@ def failure_message(summary: dict, table: pd.DataFrame) -> str:
     by_id = table.set_index("source_id") if "source_id" in table.columns else None
     for f in summary["critical_failures"]:
         target = f.get("column") or f.get("column_list") or ""
-        lines.append(f"  - {f['description']} [{f['expectation']} on {target}]: {f['unexpected_count'] or 0} unexpected row(s)"
-                     + (f", observed {f['observed_value']}" if f.get("observed_value") is not None else ""))
+        lines.append(
+            f"  - {f['description']} [{f['expectation']} on {target}]: {f['unexpected_count'] or 0} unexpected row(s)"
+            + (f", observed {f['observed_value']}" if f.get("observed_value") is not None else "")
+        )
         for ex in f["examples"]:
-            if isinstance(ex, dict) and "source_id" in ex and by_id is not None and ex["source_id"] in by_id.index:
+            if (
+                isinstance(ex, dict)
+                and "source_id" in ex
+                and by_id is not None
+                and ex["source_id"] in by_id.index
+            ):
                 row = by_id.loc[ex["source_id"]]
                 row = row.iloc[0] if isinstance(row, pd.DataFrame) else row
-                lines.append(f"      {ex['source_id']}: text={str(row['text'])[:80]!r} label={row['label']!r}")
+                lines.append(
+                    f"      {ex['source_id']}: text={str(row['text'])[:80]!r} label={row['label']!r}"
+                )
             else:
                 lines.append(f"      {ex!r}")
     return "\n".join(lines)
@@ -216,9 +264,10 @@ def main() -> None:
     cfg = load_params()
     paths = cfg.paths
     table = pd.read_parquet(paths.canonical)
-    taxonomy = read_json(paths.taxonomy)
-    frames = {"canonical_rows": derive_row_checks(table), "class_counts": class_counts(table, taxonomy["labels"])}
-    suites = build_suites(taxonomy["labels"], taxonomy.get("oos_label"), cfg.validate)
+    taxonomy = Taxonomy.read(paths.taxonomy)
+    labels = list(taxonomy.labels)
+    frames = {"canonical_rows": derive_row_checks(table), "class_counts": class_counts(table, labels)}
+    suites = build_suites(labels, taxonomy.oos_label, cfg.validate)
     out_dir = Path(paths.validation_dir)
     failed_dir = out_dir.with_name(out_dir.name + "-failed")
     with atomic_path(out_dir) as tmp:
@@ -240,9 +289,19 @@ def main() -> None:
         write_json(tmp / "result.json", summary)
     shutil.rmtree(failed_dir, ignore_errors=True)
     for w in summary["warnings"]:
-        log.warning("data warning: %s (%s unexpected; observed %s)", w["description"], w["unexpected_count"], w["observed_value"])
-    log.info("validation passed: %d expectations, %d warning(s); class-imbalance ratio %.2f; Data Docs at %s",
-             summary["expectations"], len(summary["warnings"]), summary["class_imbalance_ratio"], summary["docs"])
+        log.warning(
+            "data warning: %s (%s unexpected; observed %s)",
+            w["description"],
+            w["unexpected_count"],
+            w["observed_value"],
+        )
+    log.info(
+        "validation passed: %d expectations, %d warning(s); class-imbalance ratio %.2f; Data Docs at %s",
+        summary["expectations"],
+        len(summary["warnings"]),
+        summary["class_imbalance_ratio"],
+        summary["docs"],
+    )
 
 
 if __name__ == "__main__":

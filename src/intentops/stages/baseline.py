@@ -18,9 +18,7 @@ from intentops.models.tfidf import make_tfidf
 log = logging.getLogger(__name__)
 
 
-def run_baseline(
-    train: pd.DataFrame, test: pd.DataFrame, tfidf: dict, C: float = 1.0, seed: int = 0
-) -> dict:
+def run_baseline(train: pd.DataFrame, test: pd.DataFrame, tfidf: dict, C: float = 1.0, seed: int = 0) -> dict:
     """Fit TF-IDF + LinearSVC on `train`, score it on `test`.
 
     Returns:
@@ -48,7 +46,11 @@ def main() -> None:
     train, test = pd.read_parquet(paths.train), pd.read_parquet(paths.test)
     metrics = run_baseline(train, test, OmegaConf.to_container(bcfg.tfidf), bcfg.C, cfg.seed)
     write_json(paths.baseline_metrics, metrics)
-    log.info("baseline: test accuracy %.4f, macro-F1 %.4f", metrics["test"]["accuracy"], metrics["test"]["macro_f1"])
+    log.info(
+        "baseline: test accuracy %.4f, macro-F1 %.4f",
+        metrics["test"]["accuracy"],
+        metrics["test"]["macro_f1"],
+    )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,14 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 # Origin splits as published, mapped to the split they feed; oos_train is optional (see split.oos_as_class).
 # Reviewed feedback joins train only: it is never carved into val or test, so test stays the official split.
-ORIGIN_TO_SPLIT = {"train": "train", "val": "val", "test": "test", "oos_val": "val", "oos_test": "test",
-                   FEEDBACK_SPLIT: "train"}
+ORIGIN_TO_SPLIT = {
+    "train": "train",
+    "val": "val",
+    "test": "test",
+    "oos_val": "val",
+    "oos_test": "test",
+    FEEDBACK_SPLIT: "train",
+}
 
 
 def stratified_holdout(df: pd.DataFrame, fraction: float, seed: int) -> pd.Series:
@@ -31,6 +37,45 @@ def stratified_holdout(df: pd.DataFrame, fraction: float, seed: int) -> pd.Serie
         k = min(max(k, 1), len(idx) - 1) if len(idx) >= 2 else 0
         mask.loc[rng.permutation(idx)[:k]] = True
     return mask
+
+
+def check_split_params(
+    table: pd.DataFrame, val_fraction: float, test_fraction: float, holdout_intents
+) -> None:
+    """Refuse fractions outside (0, 1) and held-out intents the data does not have."""
+    if not 0 < val_fraction < 1 or not 0 < test_fraction < 1:
+        raise UserError(
+            f"split fractions must be in (0, 1); got val_fraction={val_fraction}, test_fraction={test_fraction}",
+            where="conf/config.yaml: split",
+            fix="use e.g. split.val_fraction=0.1",
+        )
+    unknown = sorted(set(holdout_intents) - set(table["label"]))
+    if unknown:
+        raise UserError(
+            f"split.holdout_intents names intents the data does not have: {unknown[:5]}",
+            where="conf/config.yaml: split.holdout_intents",
+            fix="use labels from data/interim/taxonomy.json, or [] to hold none out",
+        )
+
+
+def drop_repeats(df: pd.DataFrame, stats: dict) -> pd.DataFrame:
+    """Keep each text (by `match_key`) only in its highest-precedence split, and once within it; count drops."""
+    key = df["text"].map(match_key)
+    rank = df["split"].map({"train": 0, "val": 1, "test": 2})
+    cross = rank < rank.groupby(key).transform("max")
+    # The official test split is never thinned, so results stay comparable with published numbers.
+    within = (
+        ~cross & (df["split"] != "test") & df.assign(_key=key).duplicated(["split", "_key"], keep="first")
+    )
+    stats["dropped_cross_split_repeats"] = int(cross.sum())
+    stats["dropped_within_split_repeats"] = int(within.sum())
+    feedback = df["origin_split"] == FEEDBACK_SPLIT
+    stats["feedback"] = {
+        "rows": int(feedback.sum()),
+        "in_train": int((feedback & ~cross & ~within).sum()),
+        "dropped_as_repeats": int((feedback & (cross | within)).sum()),
+    }
+    return df[~cross & ~within]
 
 
 def run_split(
@@ -56,19 +101,7 @@ def run_split(
     Returns:
         ({split: frame}, stats for reports)
     """
-    if not 0 < val_fraction < 1 or not 0 < test_fraction < 1:
-        raise UserError(
-            f"split fractions must be in (0, 1); got val_fraction={val_fraction}, test_fraction={test_fraction}",
-            where="conf/config.yaml: split",
-            fix="use e.g. split.val_fraction=0.1",
-        )
-    unknown = sorted(set(holdout_intents) - set(table["label"]))
-    if unknown:
-        raise UserError(
-            f"split.holdout_intents names intents the data does not have: {unknown[:5]}",
-            where="conf/config.yaml: split.holdout_intents",
-            fix="use labels from data/interim/taxonomy.json, or [] to hold none out",
-        )
+    check_split_params(table, val_fraction, test_fraction, holdout_intents)
     df = table.copy()
     mapping = dict(ORIGIN_TO_SPLIT, oos_train="train" if oos_as_class else None)
     df["split"] = df["origin_split"].map(lambda s: mapping.get(s, "train"))
@@ -86,23 +119,15 @@ def run_split(
         df.loc[carve[carve].index, "split"] = "val"
         stats["val_carved_fraction"] = val_fraction
     if holdout_intents:
-        held = df["label"].isin(list(holdout_intents)) & (df["split"] != "test") & (df["origin_split"] != FEEDBACK_SPLIT)
+        held = (
+            df["label"].isin(list(holdout_intents))
+            & (df["split"] != "test")
+            & (df["origin_split"] != FEEDBACK_SPLIT)
+        )
         df = df[~held].copy()
         stats["holdout"] = {"intents": sorted(holdout_intents), "dropped_rows": int(held.sum())}
 
-    df["_key"] = df["text"].map(match_key)
-    rank = df["split"].map({"train": 0, "val": 1, "test": 2})
-    # Keep each text only in its highest-precedence split, and once within it.
-    keep_rank = rank.groupby(df["_key"]).transform("max")
-    cross = rank < keep_rank
-    # The official test split is never thinned, so results stay comparable with published numbers.
-    within = ~cross & (df["split"] != "test") & df.duplicated(["split", "_key"], keep="first")
-    stats["dropped_cross_split_repeats"] = int(cross.sum())
-    stats["dropped_within_split_repeats"] = int(within.sum())
-    feedback = df["origin_split"] == FEEDBACK_SPLIT
-    stats["feedback"] = {"rows": int(feedback.sum()), "in_train": int((feedback & ~cross & ~within).sum()),
-                         "dropped_as_repeats": int((feedback & (cross | within)).sum())}
-    df = df[~cross & ~within].drop(columns=["_key"])
+    df = drop_repeats(df, stats)
     frames = {s: df[df["split"] == s].drop(columns=["split"]).reset_index(drop=True) for s in SPLITS}
     stats["rows"] = {s: len(f) for s, f in frames.items()}
     stats["labels"] = {s: int(f["label"].nunique()) for s, f in frames.items()}
@@ -116,14 +141,22 @@ def main() -> None:
     table = pd.read_parquet(paths.canonical)
     read_json(paths.validation_result)  # the gate: split runs only on data that passed validation
     frames, stats = run_split(
-        table, cfg.split.val_fraction, cfg.split.test_fraction, cfg.split.seed, cfg.split.get("oos_as_class", False),
+        table,
+        cfg.split.val_fraction,
+        cfg.split.test_fraction,
+        cfg.split.seed,
+        cfg.split.get("oos_as_class", False),
         list(cfg.split.get("holdout_intents") or []),
     )
     for name, frame in frames.items():
         write_parquet(paths[name], frame)
     write_json(paths.split_stats, stats)
-    log.info("split: %s; dropped %d cross-split and %d within-split repeats", stats["rows"],
-             stats["dropped_cross_split_repeats"], stats["dropped_within_split_repeats"])
+    log.info(
+        "split: %s; dropped %d cross-split and %d within-split repeats",
+        stats["rows"],
+        stats["dropped_cross_split_repeats"],
+        stats["dropped_within_split_repeats"],
+    )
 
 
 if __name__ == "__main__":

@@ -13,11 +13,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from intentops.feedback import store
-from intentops.serve_api import store_top_k
 
 
 def record(engine: Engine, texts: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
-    """Store a model call's API rows (shape of serve_api.shape_predictions) and queue the texts of flagged ones.
+    """Store a model call's API rows (shape of api.schemas.shape_predictions) and queue the texts of flagged ones.
 
     One transaction for the ids and the review queue: the out-of-scope rows (out_of_distribution,
     low_confidence, ambiguous) go to the queue with their reason, in the same commit.
@@ -63,6 +62,11 @@ def review_items(
         for t, r in zip(texts, rows, strict=True)
         if r["needs_review"]
     ]
+
+
+def store_top_k(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Top-k in the review queue's shape: [{"intent", "score"}]."""
+    return [{"intent": t["intent"], "score": t["confidence"]} for t in row["top_k"]]
 
 
 def known(engine: Engine, prediction_id: str) -> bool:

@@ -17,7 +17,6 @@ Bundle layout (paths.bundle_dir):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -31,40 +30,35 @@ from omegaconf import OmegaConf
 
 from intentops.config import load_params
 from intentops.errors import UserError, cli_entry
-from intentops.io import atomic_path, read_json, write_json
-from intentops.ood import load_calibration
-from intentops.predictor import (
+from intentops.inference.bundle import (
     BUNDLE_META,
     CALIBRATION_FILE,
     CARD_FILE,
+    INT8_FILE,
     LABELS_FILE,
     ONNX_FILE,
+    OOD_STATS_FILE,
     TFIDF_FILE,
     TOKENIZER_FILE,
-    Predictor,
+    content_version,
+    file_sha256,
 )
+from intentops.inference.ood import load_calibration
+from intentops.inference.predictor import OnnxPredictor, Predictor
+from intentops.io import atomic_path, read_json, write_json
+from intentops.metrics import classification_summary
+from intentops.models.labels import encode_labels
+from intentops.timing import latency_ms, timed
 
 log = logging.getLogger(__name__)
 
-INT8_FILE = "model.int8.onnx"
-OOD_STATS_FILE = "ood_stats.npz"
-# The files that decide what the bundle predicts; the card (git revision, timings) is left out of the version.
-VERSIONED_FILES = (
-    ONNX_FILE,
-    INT8_FILE,
-    TOKENIZER_FILE,
-    TFIDF_FILE,
-    LABELS_FILE,
-    CALIBRATION_FILE,
-    OOD_STATS_FILE,
-)
 EXPORTABLE_MODELS = ("minilm_head",)
 
 
 def build_graph(predictor: Predictor, encoder):
     """One `nn.Module`: MiniLM -> mean pooling over real tokens -> L2 normalisation -> the trained head.
 
-    With `embed.layers` the pooling covers those hidden states (`intentops.embed.pool_layers`).
+    With `embed.layers` the pooling covers those hidden states (`intentops.models.encoder.pool_layers`).
 
     Args:
         predictor: a torch `Predictor` of model `minilm_head` (net = EmbTfidfHead).
@@ -82,7 +76,7 @@ def build_graph(predictor: Predictor, encoder):
             fix="export supports Transformer + mean Pooling + Normalize encoders such as all-MiniLM-L6-v2",
         )
 
-    from intentops.embed import pool_layers
+    from intentops.models.encoder import pool_layers
 
     layers = getattr(predictor.featurizer, "layers", None) or [-1]
 
@@ -167,14 +161,6 @@ def write_tokenizer(encoder_dir: Path, dst: Path, max_seq_length: int) -> None:
     tok.save(str(dst))
 
 
-def content_version(bundle_dir: Path, files: tuple[str, ...] = VERSIONED_FILES) -> str:
-    """ "m-" + 12 hex of sha256 over the named files that exist (name and bytes): same content, same version."""
-    manifest = "".join(
-        f"{name} {file_sha256(bundle_dir / name)}\n" for name in files if (bundle_dir / name).is_file()
-    )
-    return "m-" + hashlib.sha256(manifest.encode()).hexdigest()[:12]
-
-
 def parity_report(
     reference: np.ndarray, candidate: np.ndarray, min_agreement: float, max_abs_diff: float
 ) -> dict:
@@ -201,26 +187,99 @@ def timed_predictions(
 ) -> tuple[np.ndarray, dict]:
     """Probabilities for `texts`, batched sentences/s, and single-sentence latency (ms, p50/p95) after warm-up."""
     predict_proba(texts[:batch_size], batch_size=batch_size)
-    t0 = time.perf_counter()
-    proba = predict_proba(texts, batch_size=batch_size)
-    batched_s = time.perf_counter() - t0
-    times = []
-    for i in range(single_calls + 5):
-        t = time.perf_counter()
-        predict_proba([texts[i % len(texts)]], batch_size=1)
-        if i >= 5:
-            times.append(1000.0 * (time.perf_counter() - t))
+    proba, batched_s = timed(predict_proba, texts, batch_size=batch_size)
+    single = latency_ms(lambda text: predict_proba([text], batch_size=1), texts, single_calls, warmup=5)
     return proba, {
         "sentences_per_s": round(len(texts) / batched_s, 1),
-        "single_ms_p50": round(float(np.percentile(times, 50)), 2),
-        "single_ms_p95": round(float(np.percentile(times, 95)), 2),
+        "single_ms_p50": round(single["p50_ms"], 2),
+        "single_ms_p95": round(single["p95_ms"], 2),
     }
 
 
 def scores(proba: np.ndarray, y: np.ndarray) -> dict:
-    from intentops.metrics import classification_summary
-
+    """Accuracy and macro-F1 of the probabilities' argmax, rounded to 4 places."""
     return {k: round(float(v), 4) for k, v in classification_summary(y, proba.argmax(1)).items()}
+
+
+def write_bundle(
+    predictor: Predictor,
+    encoder,
+    encoder_dir: Path,
+    out: Path,
+    opset: int,
+    quantize_int8: bool,
+    calibration: dict | None,
+    ood_stats: dict[str, np.ndarray] | None,
+    session: dict | None,
+) -> tuple[str, float]:
+    """Trace the graph (and its int8 copy) and write every bundle file into `out`; returns (version, seconds)."""
+    import joblib
+
+    out.mkdir(parents=True, exist_ok=True)
+    graph = build_graph(predictor, encoder)
+    _, export_s = timed(
+        export_onnx, graph, out / ONNX_FILE, int(predictor.meta["net_kwargs"]["tfidf_dim"]), opset
+    )
+    variants = {"fp32": ONNX_FILE}
+    if quantize_int8:
+        export_s += timed(quantize, out / ONNX_FILE, out / INT8_FILE)[1]
+        variants["int8"] = INT8_FILE
+    write_tokenizer(encoder_dir, out / TOKENIZER_FILE, int(encoder.max_seq_length))
+    joblib.dump(predictor.featurizer.vectorizer, out / TFIDF_FILE)
+    write_json(out / LABELS_FILE, predictor.labels)
+    write_json(out / CALIBRATION_FILE, calibration or {"temperature": 1.0, "ood": {}})
+    if ood_stats:
+        with open(out / OOD_STATS_FILE, "wb") as fh:  # np.savez would add ".npz" to a name without it
+            np.savez(fh, **ood_stats)
+    version = content_version(out)
+    meta = {
+        "format": "onnx",
+        "version": version,
+        "model": predictor.meta.get("model"),
+        "model_file": ONNX_FILE,
+        "variants": variants,
+        "inputs": ["input_ids", "attention_mask", "tfidf"],
+        "outputs": ["logits", "embedding"],
+        "opset": opset,
+        "max_seq_length": int(encoder.max_seq_length),
+        "session": session or {},
+    }
+    write_json(out / BUNDLE_META, meta)
+    return version, export_s
+
+
+def measure_bundle(
+    reference: Predictor,
+    out: Path,
+    texts: list[str],
+    y: np.ndarray,
+    batch_size: int,
+    latency_calls: int,
+    min_agreement: float,
+    max_abs_diff: float,
+) -> tuple[dict, dict]:
+    """Parity of the bundle's fp32 graph with `reference` (the torch predictor under the same calibration),
+    and accuracy, speed and size of each graph variant; returns (parity, {"torch", "fp32"[, "int8"]})."""
+    ref, ref_t = timed_predictions(reference.predict_proba, texts, batch_size, latency_calls)
+    got, got_t = timed_predictions(
+        OnnxPredictor.from_bundle(out).predict_proba, texts, batch_size, latency_calls
+    )
+    parity = parity_report(ref, got, min_agreement, max_abs_diff)
+    metrics = {
+        "torch": {**scores(ref, y), **ref_t},
+        "fp32": {**scores(got, y), **got_t, "bytes": (out / ONNX_FILE).stat().st_size},
+    }
+    if (out / INT8_FILE).is_file():
+        int8 = OnnxPredictor.from_bundle(out, variant="int8")
+        q, q_t = timed_predictions(int8.predict_proba, texts, batch_size, latency_calls)
+        metrics["int8"] = {
+            **scores(q, y),
+            **q_t,
+            "bytes": (out / INT8_FILE).stat().st_size,
+            "argmax_agreement_with_fp32": round(float((q.argmax(1) == got.argmax(1)).mean()), 4),
+            "max_abs_prob_diff_vs_fp32": round(float(np.abs(q - got).max()), 4),
+        }
+    return parity, metrics
 
 
 def run_export(
@@ -251,83 +310,16 @@ def run_export(
     Returns:
         {"version", "parity", "metrics"}; the card is left to the caller (it needs paths and config).
     """
-    import joblib
-
-    from intentops.predictor import OnnxPredictor, softmax
-
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    export_onnx(
-        build_graph(predictor, encoder),
-        out / ONNX_FILE,
-        int(predictor.meta["net_kwargs"]["tfidf_dim"]),
-        opset,
+    version, export_s = write_bundle(
+        predictor, encoder, encoder_dir, out, opset, quantize_int8, calibration, ood_stats, session
     )
-    variants = {"fp32": ONNX_FILE}
-    if quantize_int8:
-        quantize(out / ONNX_FILE, out / INT8_FILE)
-        variants["int8"] = INT8_FILE
-    export_s = time.perf_counter() - t0
-    write_tokenizer(encoder_dir, out / TOKENIZER_FILE, int(encoder.max_seq_length))
-    joblib.dump(predictor.featurizer.vectorizer, out / TFIDF_FILE)
-    write_json(out / LABELS_FILE, predictor.labels)
-    write_json(out / CALIBRATION_FILE, calibration or {"temperature": 1.0, "ood": {}})
-    if ood_stats:
-        with open(out / OOD_STATS_FILE, "wb") as fh:  # np.savez would add ".npz" to a name without it
-            np.savez(fh, **ood_stats)
-    version = content_version(out)
-    write_json(
-        out / BUNDLE_META,
-        {
-            "format": "onnx",
-            "version": version,
-            "model": predictor.meta.get("model"),
-            "model_file": ONNX_FILE,
-            "variants": variants,
-            "inputs": ["input_ids", "attention_mask", "tfidf"],
-            "outputs": ["logits", "embedding"],
-            "opset": opset,
-            "max_seq_length": int(encoder.max_seq_length),
-            "session": session or {},
-        },
+    # Parity under one calibration: the torch model with the bundle's, so both sides mean the same probabilities.
+    reference = predictor.with_calibration(calibration or {})
+    parity, measured = measure_bundle(
+        reference, out, texts, y, batch_size, latency_calls, min_agreement, max_abs_diff
     )
-
-    def uncalibrated(onnx: OnnxPredictor):
-        # Parity is checked at temperature 1: the torch Predictor has no temperature.
-        return lambda t, batch_size: softmax(onnx.logits(t, batch_size))
-
-    ref, ref_t = timed_predictions(predictor.predict_proba, texts, batch_size, latency_calls)
-    got, got_t = timed_predictions(
-        uncalibrated(OnnxPredictor.from_bundle(out)), texts, batch_size, latency_calls
-    )
-    parity = parity_report(ref, got, min_agreement, max_abs_diff)
-    metrics = {
-        "version": version,
-        "n_test": len(texts),
-        "export_seconds": round(export_s, 1),
-        "torch": {**scores(ref, y), **ref_t},
-        "fp32": {**scores(got, y), **got_t, "bytes": (out / ONNX_FILE).stat().st_size},
-    }
-    if quantize_int8:
-        q, q_t = timed_predictions(
-            uncalibrated(OnnxPredictor.from_bundle(out, variant="int8")), texts, batch_size, latency_calls
-        )
-        metrics["int8"] = {
-            **scores(q, y),
-            **q_t,
-            "bytes": (out / INT8_FILE).stat().st_size,
-            "argmax_agreement_with_fp32": round(float((q.argmax(1) == got.argmax(1)).mean()), 4),
-            "max_abs_prob_diff_vs_fp32": round(float(np.abs(q - got).max()), 4),
-        }
+    metrics = {"version": version, "n_test": len(texts), "export_seconds": round(export_s, 1), **measured}
     return {"version": version, "parity": parity, "metrics": metrics}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def git_revision(cwd: str | os.PathLike = ".") -> str:
@@ -443,12 +435,10 @@ def build_card(
     }
 
 
-@cli_entry
-def main() -> None:
-    from intentops.embed import load_encoder, resolve_encoder
-    from intentops.train import encode_labels
+def export_inputs(cfg) -> dict:
+    """The trained predictor, its encoder, the test split and the calibration the bundle will carry."""
+    from intentops.models.encoder import load_encoder, resolve_encoder
 
-    cfg = load_params()
     paths, ecfg = cfg.paths, cfg.export
     model_dir = Path(paths.model_dir)
     predictor = Predictor.load(model_dir)
@@ -460,11 +450,9 @@ def main() -> None:
             fix=f"train one of {list(EXPORTABLE_MODELS)} (model=minilm_head is the default)",
         )
     featurizer = predictor.featurizer
-    encoder_dir = Path(resolve_encoder(featurizer.encoder_name))
     encoder = load_encoder(featurizer.encoder_name)
     if featurizer.max_seq_length:
         encoder.max_seq_length = int(featurizer.max_seq_length)
-
     test, y, _ = encode_labels(pd.read_parquet(paths.test), predictor.labels)
     # The `calibrate` stage's fit (temperature, out-of-scope method and threshold, review thresholds) wins over
     # the train bundle's temperature and export's review defaults.
@@ -474,58 +462,33 @@ def main() -> None:
         read_calibration(model_dir, predictor.meta)["temperature"],
         {"min_confidence": ecfg.min_confidence, "min_margin": ecfg.min_margin},
     )
-    threads = int(ecfg.intra_op_num_threads or os.cpu_count() or 1)
-    reports = {
-        name: (read_json(p) if Path(p).is_file() else None)
-        for name, p in (("train", paths.train_metrics), ("eval", paths.eval_metrics))
+    return {
+        "predictor": predictor,
+        "encoder": encoder,
+        "encoder_dir": Path(resolve_encoder(featurizer.encoder_name)),
+        "texts": test["text"].tolist(),
+        "y": y,
+        "calibration": calibration,
+        "ood_stats": ood_stats,
     }
-    data_sha = {s: file_sha256(paths[s]) for s in ("train", "val", "test") if Path(paths[s]).is_file()}
-    with atomic_path(paths.bundle_dir) as tmp:
-        result = run_export(
-            predictor,
-            encoder,
-            encoder_dir,
-            tmp,
-            test["text"].tolist(),
-            y,
-            opset=int(ecfg.opset),
-            quantize_int8=bool(ecfg.quantize),
-            calibration=calibration,
-            ood_stats=ood_stats,
-            session={"intra_op_num_threads": threads},
-            batch_size=int(ecfg.batch_size),
-            latency_calls=int(ecfg.latency_calls),
-            min_agreement=float(ecfg.parity_min_argmax_agreement),
-            max_abs_diff=float(ecfg.parity_max_abs_prob_diff),
-        )
-        card = build_card(
-            result["version"],
-            reports,
-            result,
-            data_sha,
-            OmegaConf.to_container(cfg, resolve=True),
-            git_revision(),
-            calibration,
-        )
-        write_json(tmp / CARD_FILE, card)
-        write_json(paths.export_parity, {"version": result["version"], **result["parity"]})
-        parity = result["parity"]
-        if not parity["passed"]:  # leaving the `with` by an error keeps the previous bundle
-            raise UserError(
-                f"ONNX/PyTorch parity failed: argmax agreement {parity['argmax_agreement']:.5f} "
-                f"(need >= {parity['min_argmax_agreement']}), max |Δp| {parity['max_abs_prob_diff']:.2e} "
-                f"(allowed {parity['max_abs_prob_diff_allowed']:.0e})",
-                where=str(paths.export_parity),
-                fix="check the graph in intentops.export.build_graph against the featurizer (pooling, max_seq_length)",
-            )
-    # Timings on a shared machine: record what else was running so that numbers can be compared honestly.
-    result["metrics"]["cpu"] = {
-        "count": os.cpu_count(),
-        "ort_threads": threads,
-        "load_avg_1m": round(os.getloadavg()[0], 2),
-    }
-    write_json(paths.export_metrics, result["metrics"])
-    m = result["metrics"]
+
+
+def check_parity(parity: dict, where: str) -> None:
+    """Raise when the ONNX graph does not match PyTorch (inside `atomic_path`: the old bundle stays)."""
+    if parity["passed"]:
+        return
+    raise UserError(
+        f"ONNX/PyTorch parity failed: argmax agreement {parity['argmax_agreement']:.5f} "
+        f"(need >= {parity['min_argmax_agreement']}), max |Δp| {parity['max_abs_prob_diff']:.2e} "
+        f"(allowed {parity['max_abs_prob_diff_allowed']:.0e})",
+        where=where,
+        fix="check the graph in intentops.stages.export.build_graph against the featurizer (pooling, max_seq_length)",
+    )
+
+
+def log_summary(result: dict) -> None:
+    """One log line: version, parity, and accuracy and speed of each graph."""
+    m, parity = result["metrics"], result["parity"]
     log.info(
         "export %s: parity argmax %.5f, max |Δp| %.2e; fp32 acc %.4f %.0f sent/s %.1f ms single%s",
         result["version"],
@@ -539,6 +502,53 @@ def main() -> None:
         if "int8" in m
         else "",
     )
+
+
+@cli_entry
+def main() -> None:
+    cfg = load_params()
+    paths, ecfg = cfg.paths, cfg.export
+    inputs = export_inputs(cfg)
+    threads = int(ecfg.intra_op_num_threads or os.cpu_count() or 1)
+    reports = {
+        name: (read_json(p) if Path(p).is_file() else None)
+        for name, p in (("train", paths.train_metrics), ("eval", paths.eval_metrics))
+    }
+    data_sha = {s: file_sha256(paths[s]) for s in ("train", "val", "test") if Path(paths[s]).is_file()}
+    with atomic_path(paths.bundle_dir) as tmp:
+        result = run_export(
+            out=tmp,
+            opset=int(ecfg.opset),
+            quantize_int8=bool(ecfg.quantize),
+            session={"intra_op_num_threads": threads},
+            batch_size=int(ecfg.batch_size),
+            latency_calls=int(ecfg.latency_calls),
+            min_agreement=float(ecfg.parity_min_argmax_agreement),
+            max_abs_diff=float(ecfg.parity_max_abs_prob_diff),
+            **inputs,
+        )
+        card = build_card(
+            result["version"],
+            reports,
+            result,
+            data_sha,
+            OmegaConf.to_container(cfg, resolve=True),
+            git_revision(),
+            inputs["calibration"],
+        )
+        write_json(tmp / CARD_FILE, card)
+        write_json(paths.export_parity, {"version": result["version"], **result["parity"]})
+        check_parity(
+            result["parity"], str(paths.export_parity)
+        )  # leaving the `with` by an error keeps the old bundle
+    # Timings on a shared machine: record what else was running so that numbers can be compared honestly.
+    result["metrics"]["cpu"] = {
+        "count": os.cpu_count(),
+        "ort_threads": threads,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+    write_json(paths.export_metrics, result["metrics"])
+    log_summary(result)
 
 
 if __name__ == "__main__":

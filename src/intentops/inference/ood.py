@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from intentops.predictor import softmax
+from intentops.metrics import expected_calibration_error
 
 METHODS = ("msp", "energy", "mahalanobis", "knn")
 # Scores where larger means "more out-of-scope"; msp is a confidence, so small means out-of-scope.
@@ -24,6 +24,14 @@ REASONS = ("out_of_distribution", "low_confidence", "ambiguous")
 
 
 # --- temperature scaling ---------------------------------------------------------------------------------
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of logits / temperature, in float64 then back to float32."""
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
 def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Row-wise log-softmax of logits / temperature, float64, shape (n, k)."""
     z = logits.astype(np.float64) / temperature
@@ -238,6 +246,50 @@ def risk_coverage(confidence: np.ndarray, correct: np.ndarray, n: int = 101) -> 
         {"coverage": round(float(counts[i] / len(order)), 5), "risk": round(float(risk[i]), 5)} for i in idx
     ]
     return points, float(risk.mean())
+
+
+# --- operating-point metrics --------------------------------------------------------------------------------
+def split_metrics(
+    out: dict,
+    y: np.ndarray,
+    is_oos: np.ndarray,
+    higher_is_ood: bool,
+    n_bins: int,
+    oos_index: int | None = None,
+) -> dict:
+    """What one split reports once postprocessed: accuracy with rejections, OOS recall, detection metrics.
+
+    `oos_auroc`/`oos_fpr_at_95_tpr` rank rows as deployed (`ood.detection_score`: a top-1 on a trained
+    out-of-scope class counts as most out-of-scope); with such a class, `oos_score_only_*` are the score's own.
+    """
+    ins = ~is_oos
+    pred_ok = (out["pred"] == y) & ins
+    accepted_ok = pred_ok & ~out["out_of_scope"]
+    m = {
+        "n_in_scope": int(ins.sum()),
+        "n_oos": int(is_oos.sum()),
+        "accuracy": float(pred_ok[ins].mean()),
+        # In-scope rows flagged out-of-scope count as errors (as in Larson et al. 2019).
+        "in_scope_accuracy": float(accepted_ok[ins].mean()),
+        "coverage": float((~out["out_of_scope"][ins]).mean()),
+        "needs_review_rate": float(out["needs_review"][ins].mean()),
+        "ece": expected_calibration_error(out["proba"][ins], y[ins], n_bins),
+    }
+    accepted = ~out["out_of_scope"]
+    if accepted.any():
+        m["in_scope_precision"] = float(accepted_ok[accepted].mean())
+    if is_oos.any():
+        m["oos_recall"] = float(out["out_of_scope"][is_oos].mean())
+        score = detection_score(out, higher_is_ood, oos_index)
+        m.update({f"oos_{k}": v for k, v in detection_metrics(score, is_oos, higher_is_ood).items()})
+        if oos_index is not None:
+            m.update(
+                {
+                    f"oos_score_only_{k}": v
+                    for k, v in detection_metrics(out["ood_score"], is_oos, higher_is_ood).items()
+                }
+            )
+    return m
 
 
 # --- serving -----------------------------------------------------------------------------------------------

@@ -15,11 +15,16 @@ import logging
 import numpy as np
 
 from intentops.errors import UserError, cli_entry
+from intentops.metrics import macro_f1
+from intentops.models.labels import label_ids
+from intentops.timing import latency_ms
 
 log = logging.getLogger(__name__)
 
 
-def per_class_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, weights: np.ndarray | None = None) -> np.ndarray:
+def per_class_f1(
+    y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, weights: np.ndarray | None = None
+) -> np.ndarray:
     """F1 of each class; `weights` (B, n) gives B resampled versions at once (then the result is (B, k)).
 
     A class with no true and no predicted rows has F1 0, as in sklearn's `zero_division=0`.
@@ -37,8 +42,13 @@ def per_class_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, weights
 
 
 def paired_bootstrap_macro_f1(
-    y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, n_classes: int,
-    n_boot: int = 1000, confidence: float = 0.95, seed: int = 0,
+    y_true: np.ndarray,
+    pred_a: np.ndarray,
+    pred_b: np.ndarray,
+    n_classes: int,
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
 ) -> dict:
     """Paired bootstrap of macro-F1(a) - macro-F1(b): the same resampled rows score both models.
 
@@ -53,27 +63,44 @@ def paired_bootstrap_macro_f1(
         idx = rng.integers(0, n, size=(b, n))
         weights = np.zeros((b, n))
         np.add.at(weights, (np.repeat(np.arange(b), n), idx.ravel()), 1.0)
-        # Macro over the classes present in the resample's ground truth, as in the unresampled metric.
-        present = (weights @ np.eye(n_classes)[y_true]) > 0
-        fa = per_class_f1(y_true, pred_a, n_classes, weights)
-        fb = per_class_f1(y_true, pred_b, n_classes, weights)
-        diffs.append(((fa - fb) * present).sum(1) / present.sum(1))
+        diffs.append(
+            weighted_macro_f1(y_true, pred_a, n_classes, weights)
+            - weighted_macro_f1(y_true, pred_b, n_classes, weights)
+        )
     diffs = np.concatenate(diffs)
     alpha = (1 - confidence) / 2
-    observed = macro_f1(y_true, pred_a, n_classes) - macro_f1(y_true, pred_b, n_classes)
-    return {"diff": float(observed), "low": float(np.quantile(diffs, alpha)), "high": float(np.quantile(diffs, 1 - alpha)),
-            "n_boot": n_boot, "confidence": confidence}
+    observed = macro_f1(y_true, pred_a) - macro_f1(y_true, pred_b)
+    return {
+        "diff": float(observed),
+        "low": float(np.quantile(diffs, alpha)),
+        "high": float(np.quantile(diffs, 1 - alpha)),
+        "n_boot": n_boot,
+        "confidence": confidence,
+    }
 
 
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
-    present = np.bincount(y_true, minlength=n_classes) > 0
-    return float(per_class_f1(y_true, y_pred, n_classes)[present].mean())
+def weighted_macro_f1(
+    y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, weights: np.ndarray
+) -> np.ndarray:
+    """`metrics.macro_f1` of each of B resamples given as row weights (B, n): the mean F1 over the classes that
+    occur in the resample's labels or predictions, as scikit-learn averages them. Returns (B,)."""
+    f1 = per_class_f1(y_true, y_pred, n_classes, weights)
+    present = (weights @ (np.eye(n_classes)[y_true] + np.eye(n_classes)[y_pred])) > 0
+    return (f1 * present).sum(1) / present.sum(1)
 
 
 def run_gate(
-    y_true: np.ndarray, challenger_pred: np.ndarray, champion_pred: np.ndarray | None, labels: list[str],
-    challenger_p95_ms: float, epsilon: float, delta: float, latency_budget_ms: float,
-    n_boot: int = 1000, confidence: float = 0.95, seed: int = 0,
+    y_true: np.ndarray,
+    challenger_pred: np.ndarray,
+    champion_pred: np.ndarray | None,
+    labels: list[str],
+    challenger_p95_ms: float,
+    epsilon: float,
+    delta: float,
+    latency_budget_ms: float,
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
 ) -> dict:
     """Decide whether the challenger replaces the champion; every check and its reason is in the result."""
     k = len(labels)
@@ -81,8 +108,10 @@ def run_gate(
     reasons: list[str] = []
     latency_ok = challenger_p95_ms <= latency_budget_ms
     checks["latency"] = {"p95_ms": challenger_p95_ms, "budget_ms": latency_budget_ms, "passed": latency_ok}
-    reasons.append(f"p95 latency {challenger_p95_ms:.1f} ms {'within' if latency_ok else 'over'} budget {latency_budget_ms} ms")
-    checks["challenger_macro_f1"] = macro_f1(y_true, challenger_pred, k)
+    reasons.append(
+        f"p95 latency {challenger_p95_ms:.1f} ms {'within' if latency_ok else 'over'} budget {latency_budget_ms} ms"
+    )
+    checks["challenger_macro_f1"] = macro_f1(y_true, challenger_pred)
     if champion_pred is None:
         passed = latency_ok
         reasons.insert(0, "no champion: the first model is promoted if it meets the latency budget")
@@ -90,8 +119,13 @@ def run_gate(
 
     boot = paired_bootstrap_macro_f1(y_true, challenger_pred, champion_pred, k, n_boot, confidence, seed)
     f1_ok = boot["low"] >= -epsilon
-    checks["macro_f1"] = {**boot, "champion": macro_f1(y_true, champion_pred, k),
-                          "challenger": checks["challenger_macro_f1"], "epsilon": epsilon, "passed": f1_ok}
+    checks["macro_f1"] = {
+        **boot,
+        "champion": macro_f1(y_true, champion_pred),
+        "challenger": checks["challenger_macro_f1"],
+        "epsilon": epsilon,
+        "passed": f1_ok,
+    }
     reasons.append(
         f"macro-F1 diff {boot['diff']:+.4f}, {int(confidence * 100)}% CI [{boot['low']:+.4f}, {boot['high']:+.4f}] "
         f"{'≥' if f1_ok else '<'} -ε ({-epsilon:+.4f})"
@@ -101,18 +135,18 @@ def run_gate(
     drops = np.where(present, drops, 0.0)
     worst = int(np.argmax(drops))
     per_class_ok = bool(drops[worst] <= delta)
-    checks["per_intent_f1"] = {"max_drop": float(drops[worst]), "worst_intent": labels[worst], "delta": delta,
-                               "drops_over_delta": {labels[i]: float(drops[i]) for i in np.flatnonzero(drops > delta)},
-                               "passed": per_class_ok}
-    reasons.append(f"largest per-intent F1 drop {drops[worst]:.4f} ({labels[worst]}) "
-                   f"{'≤' if per_class_ok else '>'} δ ({delta})")
+    checks["per_intent_f1"] = {
+        "max_drop": float(drops[worst]),
+        "worst_intent": labels[worst],
+        "delta": delta,
+        "drops_over_delta": {labels[i]: float(drops[i]) for i in np.flatnonzero(drops > delta)},
+        "passed": per_class_ok,
+    }
+    reasons.append(
+        f"largest per-intent F1 drop {drops[worst]:.4f} ({labels[worst]}) "
+        f"{'≤' if per_class_ok else '>'} δ ({delta})"
+    )
     return {"promoted": bool(f1_ok and per_class_ok and latency_ok), "reasons": reasons, "checks": checks}
-
-
-def label_ids(predictions: list[str] | np.ndarray, labels: list[str]) -> np.ndarray:
-    """Predicted intent names -> ids in `labels`; a name not in `labels` gets id len(labels) (always wrong)."""
-    index = {name: i for i, name in enumerate(labels)}
-    return np.array([index.get(str(p), len(labels)) for p in predictions], dtype=np.int64)
 
 
 def predicted_intents(predictor, texts: list[str]) -> np.ndarray:
@@ -121,21 +155,15 @@ def predicted_intents(predictor, texts: list[str]) -> np.ndarray:
     return np.asarray(predictor.labels, dtype=object)[proba.argmax(1)]
 
 
-def single_request_latency_ms(predictor, texts: list[str], calls: int = 200, warmup: int = 20) -> dict:
-    """p50/p95 milliseconds of `predictor.predict([text])`, one text per call, after `warmup` calls."""
-    import time
-
-    times = []
-    for i in range(warmup + calls):
-        t0 = time.perf_counter()
-        predictor.predict([texts[i % len(texts)]])
-        if i >= warmup:
-            times.append(1000.0 * (time.perf_counter() - t0))
-    return {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)), "calls": calls}
-
-
-def run_promote(challenger, champion, texts: list[str], y_true: np.ndarray, gate: dict,
-                latency_calls: int = 200, warmup_calls: int = 20) -> dict:
+def run_promote(
+    challenger,
+    champion,
+    texts: list[str],
+    y_true: np.ndarray,
+    gate: dict,
+    latency_calls: int = 200,
+    warmup_calls: int = 20,
+) -> dict:
     """Score challenger and champion on the same texts through their Predictors, time the challenger, gate.
 
     Args:
@@ -148,15 +176,23 @@ def run_promote(challenger, champion, texts: list[str], y_true: np.ndarray, gate
     labels = list(challenger.labels)
     # Champion intents the challenger does not know score as an extra, always-wrong class.
     space = labels + ["<not a challenger label>"]
-    challenger_pred = label_ids(predicted_intents(challenger, texts), labels)
-    champion_pred = None if champion is None else label_ids(predicted_intents(champion, texts), labels)
-    latency = single_request_latency_ms(challenger, texts, latency_calls, warmup_calls)
+    challenger_pred = label_ids(predicted_intents(challenger, texts), labels, unknown=len(labels))
+    champion_pred = (
+        None
+        if champion is None
+        else label_ids(predicted_intents(champion, texts), labels, unknown=len(labels))
+    )
+    latency = latency_ms(lambda text: challenger.predict([text]), texts, latency_calls, warmup_calls)
     result = run_gate(y_true, challenger_pred, champion_pred, space, latency["p95_ms"], **gate)
     result["checks"]["latency"].update(p50_ms=latency["p50_ms"], calls=latency["calls"])
     result["checks"]["n_test"] = int(len(y_true))
-    return {"promoted": result["promoted"], "reasons": result["reasons"], "checks": result["checks"],
-            "challenger": getattr(challenger, "version", None),
-            "champion": None if champion is None else getattr(champion, "version", None)}
+    return {
+        "promoted": result["promoted"],
+        "reasons": result["reasons"],
+        "checks": result["checks"],
+        "challenger": getattr(challenger, "version", None),
+        "champion": None if champion is None else getattr(champion, "version", None),
+    }
 
 
 @cli_entry
@@ -166,10 +202,10 @@ def main() -> None:
     import pandas as pd
 
     from intentops.config import load_params
+    from intentops.inference.predictor import Predictor
+    from intentops.inference.registry import Registry
     from intentops.io import write_json
-    from intentops.predictor import Predictor
-    from intentops.registry import Registry
-    from intentops.train import encode_labels
+    from intentops.models.labels import encode_labels
 
     cfg = load_params()
     paths, pcfg = cfg.paths, cfg.promote
@@ -177,8 +213,11 @@ def main() -> None:
     challenger = Predictor.load(paths.bundle_dir)
     version = challenger.version
     if not version:
-        raise UserError("the challenger bundle has no version", where=f"{paths.bundle_dir}/bundle.json",
-                        fix="re-run `dvc repro export`: promote takes the ONNX bundle that export writes")
+        raise UserError(
+            "the challenger bundle has no version",
+            where=f"{paths.bundle_dir}/bundle.json",
+            fix="re-run `dvc repro export`: promote takes the ONNX bundle that export writes",
+        )
     registry = Registry.at(paths.registry_dir)
     champion_version = registry.production()
     champion = None
@@ -186,25 +225,36 @@ def main() -> None:
         champion_dir = registry.production_dir()
         if not champion_dir.is_dir():
             raise UserError(
-                f"production points at {champion_version}, but its bundle is not here", where=str(champion_dir),
+                f"production points at {champion_version}, but its bundle is not here",
+                where=str(champion_dir),
                 fix="restore the registry folder (see models/registry/.gitignore) or `intentops rollback --to` one "
-                    "that is present",
+                "that is present",
             )
         champion = Predictor.load(champion_dir)
     test, y, _ = encode_labels(pd.read_parquet(paths.test), challenger.labels)
     gate = {k: pcfg[k] for k in ("epsilon", "delta", "latency_budget_ms", "n_boot", "confidence", "seed")}
-    result = run_promote(challenger, champion, test["text"].tolist(), y, gate,
-                         int(pcfg.latency_calls), int(pcfg.warmup_calls))
+    result = run_promote(
+        challenger, champion, test["text"].tolist(), y, gate, int(pcfg.latency_calls), int(pcfg.warmup_calls)
+    )
     if result["promoted"] and version == champion_version:
         result["reasons"].append(f"{version} is already in production: registry unchanged")
     elif result["promoted"]:
         registry.add(paths.bundle_dir, version)
-        registry.set_production(version, event="promote", reason="; ".join(result["reasons"]),
-                                macro_f1=result["checks"]["challenger_macro_f1"])
+        registry.set_production(
+            version,
+            event="promote",
+            reason="; ".join(result["reasons"]),
+            macro_f1=result["checks"]["challenger_macro_f1"],
+        )
     result["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(paths.promote_gate, result)
-    log.info("promote %s vs %s: %s (%s)", version, champion_version or "no champion",
-             "PROMOTED" if result["promoted"] else "rejected", "; ".join(result["reasons"]))
+    log.info(
+        "promote %s vs %s: %s (%s)",
+        version,
+        champion_version or "no champion",
+        "PROMOTED" if result["promoted"] else "rejected",
+        "; ".join(result["reasons"]),
+    )
 
 
 if __name__ == "__main__":

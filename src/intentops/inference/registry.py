@@ -73,8 +73,14 @@ class Registry:
         self.root.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.root / POINTER) as tmp:
             tmp.write_text(version + "\n")
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": event, "version": version,
-                 "previous": previous, "reason": reason, **extra}
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "event": event,
+            "version": version,
+            "previous": previous,
+            "reason": reason,
+            **extra,
+        }
         with open(self.root / HISTORY, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")
 
@@ -82,13 +88,19 @@ class Registry:
         """Point production back at `to`, or at the version production had before the current one."""
         current = self.production()
         if current is None:
-            raise UserError("nothing to roll back: no production model yet", where=str(self.root / POINTER),
-                            fix="run the pipeline (`make run`) so that `promote` sets a first production model")
+            raise UserError(
+                "nothing to roll back: no production model yet",
+                where=str(self.root / POINTER),
+                fix="run the pipeline (`make run`) so that `promote` sets a first production model",
+            )
         if to is None:
             earlier = [e["version"] for e in self.history() if e["version"] != current]
             if not earlier:
-                raise UserError("no earlier production version to roll back to", where=str(self.root / HISTORY),
-                                fix="name a version with --to")
+                raise UserError(
+                    "no earlier production version to roll back to",
+                    where=str(self.root / HISTORY),
+                    fix="name a version with --to",
+                )
             to = earlier[-1]
         self.set_production(to, event="rollback", reason=f"rollback from {current}")
         return to

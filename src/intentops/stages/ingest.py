@@ -12,6 +12,7 @@ from intentops.config import load_params
 from intentops.data import CANONICAL_COLUMNS
 from intentops.data.readers import read_clinc_json, read_csv_rows, read_feedback, read_taxonomy
 from intentops.data.sources import FileSpec, fetch_verified, mirror_from
+from intentops.data.taxonomy import DEFAULT_OOS_LABEL
 from intentops.errors import UserError, cli_entry
 from intentops.io import atomic_path, write_json, write_parquet
 
@@ -24,7 +25,7 @@ def parse_file(content: bytes, where: str, key: str, data: DictConfig) -> pd.Dat
     if data.format == "csv":
         return read_csv_rows(content, where, key, data.text_column, data.label_column, data.delimiter)
     if data.format == "clinc_json":
-        return read_clinc_json(content, where, data.oos_label or "oos")
+        return read_clinc_json(content, where, data.oos_label or DEFAULT_OOS_LABEL)
     raise UserError(f"unknown data.format '{data.format}'", where="conf/data", fix=f"use one of {FORMATS}")
 
 
@@ -62,19 +63,28 @@ def read_feedback_file(path: str | Path) -> tuple[pd.DataFrame, list[str]]:
     """The reviewed labels (`intentops label export`), a dependency of this stage; git keeps a header-only file."""
     path = Path(path)
     if not path.is_file():
-        raise UserError("feedback labels file not found", where=str(path),
-                        fix="restore the header-only file with `git checkout -- data/feedback/labels.csv`, "
-                            "or write it with `intentops label export`")
+        raise UserError(
+            "feedback labels file not found",
+            where=str(path),
+            fix="restore the header-only file with `git checkout -- data/feedback/labels.csv`, "
+            "or write it with `intentops label export`",
+        )
     return read_feedback(path.read_bytes(), str(path))
 
 
-def fetch_dataset(data: DictConfig, ingest: DictConfig, raw_dir: Path) -> tuple[list[pd.DataFrame], list[str] | None, list[dict]]:
+def fetch_dataset(
+    data: DictConfig, ingest: DictConfig, raw_dir: Path
+) -> tuple[list[pd.DataFrame], list[str] | None, list[dict]]:
     """Fetch, verify and parse every configured file; keep a verified copy of each under `raw_dir`."""
     mirror = mirror_from(data.get("mirror"))
     files = data.files or {}
     specs = [FileSpec.from_config(k, v) for k, v in files.items() if v is not None]
     if not specs:
-        raise UserError("no data files configured", where=f"conf/data/{data.name}.yaml: files", fix="add at least a train file")
+        raise UserError(
+            "no data files configured",
+            where=f"conf/data/{data.name}.yaml: files",
+            fix="add at least a train file",
+        )
     parts, manifest = [], []
     for spec in specs:
         content, digest, location = fetch_verified(spec, data.name, mirror, ingest.timeout_s, ingest.retries)
@@ -99,16 +109,29 @@ def main() -> None:
         raw_tmp.mkdir(parents=True)
         parts, taxonomy, manifest = fetch_dataset(cfg.data, cfg.ingest, raw_tmp)
         feedback, proposed = read_feedback_file(paths.feedback_labels)
-        manifest.append({"key": "feedback", "location": str(paths.feedback_labels), "rows": len(feedback),
-                         "proposed_intents": proposed})
+        manifest.append(
+            {
+                "key": "feedback",
+                "location": str(paths.feedback_labels),
+                "rows": len(feedback),
+                "proposed_intents": proposed,
+            }
+        )
         table, tax = run_ingest(parts, taxonomy, cfg.data.oos_label, feedback, proposed)
         write_json(raw_tmp / "manifest.json", {"dataset": cfg.data.name, "files": manifest})
         # Write the derived outputs before the raw folder is swapped in, so a failure replaces nothing.
         write_parquet(paths.canonical, table)
         write_json(paths.taxonomy, tax)
     counts = table.groupby("origin_split").size().to_dict()
-    log.info("ingested %d rows from %s: %s; %d labels (%s; proposed by labellers: %s)", len(table), cfg.data.name,
-             counts, len(tax["labels"]), tax["source"], tax["proposed"] or "none")
+    log.info(
+        "ingested %d rows from %s: %s; %d labels (%s; proposed by labellers: %s)",
+        len(table),
+        cfg.data.name,
+        counts,
+        len(tax["labels"]),
+        tax["source"],
+        tax["proposed"] or "none",
+    )
 
 
 if __name__ == "__main__":

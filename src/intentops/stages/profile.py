@@ -21,11 +21,19 @@ def main() -> None:
     cfg = load_params()
     p = cfg.paths
     write_reference(
-        p.train, p.val, p.monitoring_vocab, p.monitoring_reference, cfg.monitor.features.vocab_min_count, p.bundle_dir
+        p.train,
+        p.val,
+        p.monitoring_vocab,
+        p.monitoring_reference,
+        cfg.monitor.features.vocab_min_count,
+        p.bundle_dir,
     )
     log.info(
         "reference profile of %s with the outputs of %s written to %s (vocabulary: %s)",
-        p.val, p.bundle_dir, p.monitoring_reference, p.monitoring_vocab,
+        p.val,
+        p.bundle_dir,
+        p.monitoring_reference,
+        p.monitoring_vocab,
     )
 
 

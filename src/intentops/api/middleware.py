@@ -1,0 +1,125 @@
+"""Auth, request metrics and the request log line: one pure ASGI middleware (no per-request task overhead)."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from intentops.api.requestlog import ReplicaRequestLog
+from intentops.config import API_KEY_ENV
+
+# Routes a load balancer or orchestrator probes without credentials.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+REQUEST_ID_HEADER = b"x-request-id"
+
+
+def api_key_ok(headers: Sequence[tuple[bytes, bytes]], keys: str) -> bool:
+    """True when the ASGI headers carry one of `keys` as X-API-Key or `Authorization: Bearer <key>`.
+
+    `keys` is comma-separated, so a rotation can accept the old and the new key for a while.
+    """
+    wanted = [k.strip().encode() for k in keys.split(",") if k.strip()]
+    for name, value in headers:
+        if name == b"authorization" and value[:7].lower() == b"bearer ":
+            value = value[7:].strip()
+        elif name != b"x-api-key":
+            continue
+        # compare_digest against every key, so timing says nothing about which one matched
+        if sum(hmac.compare_digest(value, w) for w in wanted):
+            return True
+    return False
+
+
+def request_id(headers: Sequence[tuple[bytes, bytes]]) -> str:
+    """Serve's id of this request: the X-Request-ID header its proxy passes on (the client's, or one it made).
+
+    Serve returns the same id in the response's X-Request-ID header and in its own log lines.
+    """
+    for name, value in headers:
+        if name == REQUEST_ID_HEADER:
+            return value.decode()
+    return str(uuid.uuid4())  # not through Serve's HTTP proxy
+
+
+UNAUTHORIZED = {
+    "error": "missing or wrong API key",
+    "where": "X-API-Key or Authorization header",
+    "fix": "send the key as `X-API-Key: <key>` or `Authorization: Bearer <key>`",
+}
+
+
+class Guard:
+    """401 without the API key (when $INTENTOPS_API_KEY is set; OPEN_PATHS excepted), then one JSON log line.
+
+    The route finds `scope["intentops"]` (status, request_id) and adds what the log line should say about the
+    model call.
+
+    Args:
+        asgi_app: the app inside.
+        request_log: the replica's request log.
+    """
+
+    def __init__(self, asgi_app: Any, request_log: ReplicaRequestLog):
+        from ray.serve.metrics import Counter, Histogram
+
+        self.app = asgi_app
+        self.log = request_log
+        self.key = os.environ.get(API_KEY_ENV) or None
+        self.in_flight = 0  # requests inside this replica: the request log is flushed when none is left
+        self.latency = Histogram(
+            "intentops_request_latency_ms",
+            description="Request latency in the replica (ms).",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000],
+            tag_keys=("route",),
+        )
+        self.errors = Counter(
+            "intentops_request_errors",
+            description="Responses with status >= 400.",
+            tag_keys=("route", "status"),
+        )
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        path = scope["path"]
+        info: dict[str, Any] = {"status": 500, "request_id": request_id(scope["headers"])}
+        scope["intentops"] = info
+
+        async def send_status(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                info["status"] = message["status"]
+            await send(message)
+
+        self.in_flight += 1
+        try:
+            if self.key and path not in OPEN_PATHS and not api_key_ok(scope["headers"], self.key):
+                await JSONResponse(UNAUTHORIZED, status_code=401, headers={"WWW-Authenticate": "Bearer"})(
+                    scope, receive, send_status
+                )
+            else:
+                await self.app(scope, receive, send_status)
+        finally:
+            self.in_flight -= 1
+            self._observe(scope, path, info, (time.perf_counter() - start) * 1000)
+
+    def _observe(self, scope: dict, path: str, info: dict, ms: float) -> None:
+        route = path if path.startswith("/v1/") or path in OPEN_PATHS else "other"
+        status = info["status"]
+        self.latency.observe(ms, tags={"route": route})
+        if status >= 400:
+            self.errors.inc(tags={"route": route, "status": str(status)})
+        if path in OPEN_PATHS:
+            return  # probes every few seconds would drown the log
+        info["method"], info["path"], info["latency_ms"] = scope["method"], route, round(ms, 2)
+        # Our own JSON-lines file, not Ray's logger (which formats, stats and flushes the file per line):
+        # encoded here, written in one block when no request is left in flight or 64 lines are pending.
+        self.log.add(f"{scope['method']} {route} {status} {ms:.1f}ms", info["request_id"], info)
+        if not self.in_flight:
+            self.log.flush()

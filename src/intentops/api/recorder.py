@@ -1,0 +1,170 @@
+"""What one model call leaves behind: its metrics, the ledger write, and profile features for drift checks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from intentops.api.model import LoadedModel
+from intentops.api.schemas import shape_predictions
+from intentops.errors import UserError
+from intentops.feedback import ledger
+
+log = logging.getLogger("ray.serve")
+
+Batch = tuple[list[str], list[dict]]  # (texts, API rows) of one model call
+
+
+class ProfileSink:
+    """whylogs profiles of the served texts' features (never the text), built off the request path.
+
+    The model thread appends each call's texts and rows; a timer takes them, profiles their features in an I/O
+    thread and closes a window when it is due.
+    """
+
+    def __init__(self) -> None:
+        self.writer: Any = None
+        self.vocab: frozenset[str] | None = None
+        self._pending: deque[Batch] = deque()  # appended by the model thread
+
+    def add(self, texts: list[str], rows: list[dict]) -> None:
+        if self.writer is not None:
+            self._pending.append((texts, rows))
+
+    def open(self, monitoring: Mapping[str, Any], root: Path) -> None:
+        """Write what the old window holds, then profile to `monitoring` (serving.monitoring), if enabled."""
+        from intentops.monitor.profiles import ProfileWindowWriter, read_vocab
+
+        self.flush_pending()
+        m = monitoring
+        self.writer = self.vocab = None
+        if not m["enabled"]:
+            return
+        try:
+            self.vocab = read_vocab(str(root / m["vocab"]))
+        except UserError as err:
+            log.warning("monitoring profiles off: %s", err.render())
+            return
+        profiles = m["profiles"] if "://" in m["profiles"] else str(root / m["profiles"])
+        self.writer = ProfileWindowWriter(
+            profiles, max_rows=m["window_max_rows"], max_seconds=m["window_max_seconds"]
+        )
+
+    def take(self) -> list[Batch]:
+        pending, queue = [], self._pending
+        while queue:  # popleft is atomic: a row the model thread appends meanwhile waits for the next flush
+            pending.append(queue.popleft())
+        return pending
+
+    def write(self, pending: list[Batch]) -> None:
+        """Profile the buffered rows' features (the texts are dropped here) and close a due window."""
+        from intentops.monitor.features import utterance_features
+
+        if self.writer is None:
+            return
+        texts = [t for batch, _ in pending for t in batch]
+        preds = [
+            {"intent": r["intent"], "confidence": r["confidence"], "top_k": ledger.store_top_k(r)}
+            for _, rows in pending
+            for r in rows
+        ]
+        try:
+            if texts:
+                self.writer.log(utterance_features(texts, self.vocab, preds))
+            self.writer.roll_if_due()
+        except Exception as err:  # monitoring must never take the API down
+            log.error("profile window write failed: %s", err)
+
+    def flush_pending(self) -> None:
+        self.write(self.take())
+
+    async def run(self, flush_s: Callable[[], float], run_io: Callable[..., Awaitable[Any]]) -> None:
+        """Every `flush_s()` seconds, profile what the model calls left (in an I/O thread)."""
+        while True:
+            await asyncio.sleep(flush_s() or 5.0)
+            await run_io(self.write, self.take())
+
+    def close(self) -> None:
+        self.flush_pending()
+        if self.writer is not None:
+            self.writer.flush()
+
+
+class Recorder:
+    """Runs one model call and records it: metrics, profile features, and the ledger write, in the model thread."""
+
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter as MetricCounter
+        from ray.serve.metrics import Histogram
+
+        self.engine: Any = None  # the feedback store, None when predictions are not recorded
+        self.profiles = ProfileSink()
+        self.m_predictions = MetricCounter(
+            "intentops_predictions",
+            description="Predictions by intent.",
+            tag_keys=("intent", "model_version"),
+        )
+        self.m_review = MetricCounter(
+            "intentops_needs_review",
+            description="Predictions flagged needs_review.",
+            tag_keys=("reason", "model_version"),
+        )
+        self.m_confidence = Histogram(
+            "intentops_confidence",
+            description="Top-1 confidence.",
+            boundaries=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
+            tag_keys=("model_version",),
+        )
+        self.m_batch = Histogram(
+            "intentops_batch_size",
+            description="Texts per model call.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
+        )
+
+    def open_store(self, store_settings: Mapping[str, Any], params: Any, root: Path) -> Any:
+        """The engine for `serving.store` (None when predictions are not recorded); the old one is disposed."""
+        from intentops.feedback import store
+
+        if self.engine is not None:
+            self.engine.dispose()
+        if not store_settings["record_predictions"]:
+            return None
+        engine = store.engine_from_params(params, root / store_settings["db"])
+        store.check_schema(engine)  # fail at start, with the fix, unless `intentops db upgrade` ran
+        return engine
+
+    def call(self, model: LoadedModel, texts: list[str], top_k: int) -> tuple[list[dict], dict]:
+        """One model call (in the model thread): rows with ids, metrics, profile features, then the ledger write.
+
+        The write finishes before any of these requests is answered, so a returned prediction id is always
+        known to /v1/feedback.
+        """
+        t0 = time.perf_counter()
+        rows = shape_predictions(model.predictor.predict(texts, top_k=top_k), model.version)
+        t1 = time.perf_counter()
+        self._observe(model.version, rows)
+        self.profiles.add(texts, rows)
+        if self.engine is not None:
+            ledger.record(self.engine, texts, rows)
+        t2 = time.perf_counter()
+        return rows, {
+            "batch_size": len(rows),
+            "model_ms": round((t1 - t0) * 1000, 2),
+            "record_ms": round((t2 - t1) * 1000, 2),
+        }
+
+    def _observe(self, version: str, rows: list[dict]) -> None:
+        """Metrics for one model call, counted per call (one increment per intent and per reason)."""
+        self.m_batch.observe(len(rows))
+        for intent, n in Counter(r["intent"] for r in rows).items():
+            self.m_predictions.inc(n, tags={"intent": intent, "model_version": version})
+        for reason, n in Counter(r["reason"] for r in rows if r["reason"] is not None).items():
+            self.m_review.inc(n, tags={"reason": reason, "model_version": version})
+        tags = {"model_version": version}
+        for r in rows:
+            self.m_confidence.observe(r["confidence"], tags=tags)

@@ -1,0 +1,134 @@
+"""The API's requests and responses: pydantic models (also the OpenAPI document at /docs), checks and rows."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from intentops.errors import UserError
+
+
+class RequestError(UserError):
+    """A bad request: `status` is the HTTP code, the body is {"error", "where", "fix"}."""
+
+    def __init__(self, status: int, what: str, where: str | None = None, fix: str | None = None):
+        self.status = status
+        super().__init__(what, where, fix)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.what, "where": self.where, "fix": self.fix}
+
+
+class PredictRequest(BaseModel):
+    """One text or a list of texts; exactly one of the two."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"text": "my card has not arrived"}]}
+    )
+    text: str | None = None
+    texts: list[str] | None = None
+
+
+class TopK(BaseModel):
+    intent: str
+    confidence: float
+
+
+class Prediction(BaseModel):
+    prediction_id: str = Field(description="send it back with POST /v1/feedback")
+    intent: str = Field(description="the top-1 intent (a suggestion only when out_of_scope)")
+    confidence: float = Field(description="calibrated top-1 probability")
+    top_k: list[TopK]
+    out_of_scope: bool = Field(description="not routed automatically: `reason` says why")
+    reason: Literal["out_of_distribution", "low_confidence", "ambiguous"] | None = Field(
+        description="out_of_distribution: the out-of-scope score is past the bundle's threshold; low_confidence: "
+        "top-1 below min_confidence; ambiguous: top1 - top2 below min_margin; null when in scope"
+    )
+    needs_review: bool = Field(description="queued for human review (true whenever out_of_scope)")
+    model_version: str
+
+
+class PredictResponse(BaseModel):
+    request_id: str
+    model_version: str
+    predictions: list[Prediction]
+
+
+class FeedbackRequest(BaseModel):
+    """A correction for a prediction the API returned; `feedback_id` makes a retry store nothing twice."""
+
+    model_config = ConfigDict(extra="forbid")
+    prediction_id: str = Field(min_length=1, max_length=128)
+    label: str = Field(min_length=1, max_length=128)
+    annotator: str = Field(default="api", min_length=1, max_length=128)
+    feedback_id: str | None = Field(default=None, min_length=1, max_length=128)
+
+
+class FeedbackResponse(BaseModel):
+    prediction_id: str
+    label: str
+    stored: bool = Field(description="false when the same feedback was already stored (an idempotent retry)")
+
+
+def request_texts(req: PredictRequest, max_texts: int, max_chars: int) -> list[str]:
+    """The texts of a predict request, or a RequestError (422 shape, 413 size)."""
+    if (req.text is None) == (req.texts is None):
+        raise RequestError(
+            422,
+            "give exactly one of `text` (a string) or `texts` (a list of strings)",
+            where="request body",
+            fix='send {"text": "..."} or {"texts": ["...", "..."]}',
+        )
+    texts = [req.text] if req.text is not None else list(req.texts or [])
+    if not texts:
+        raise RequestError(422, "`texts` is empty", where="request body: texts", fix="send at least one text")
+    if len(texts) > max_texts:
+        raise RequestError(
+            413,
+            f"{len(texts)} texts in one request; the limit is {max_texts}",
+            where="request body: texts",
+            fix=f"split the list into requests of at most {max_texts}",
+        )
+    for i, text in enumerate(texts):
+        where = "request body: text" if req.text is not None else f"request body: texts[{i}]"
+        if not text.strip():
+            raise RequestError(422, "empty text", where=where, fix="send the customer's message")
+        if len(text) > max_chars:
+            raise RequestError(
+                413,
+                f"text of {len(text)} characters; the limit is {max_chars}",
+                where=where,
+                fix=f"send at most {max_chars} characters (the first part of the message)",
+            )
+    return texts
+
+
+def shape_predictions(raw: Sequence[Mapping[str, Any]], version: str) -> list[dict[str, Any]]:
+    """Predictor.predict rows -> API rows: a new prediction id and the model version added (key order as documented)."""
+    return [
+        {
+            "prediction_id": str(uuid.uuid4()),
+            "intent": r["intent"],
+            "confidence": r["confidence"],
+            "top_k": r["top_k"],
+            "out_of_scope": r["out_of_scope"],
+            "reason": r["reason"],
+            "needs_review": r["needs_review"],
+            "model_version": version,
+        }
+        for r in raw
+    ]
+
+
+def validation_error_body(errors: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The 422 body for a request FastAPI could not parse: the first error, where it is, how to fix it."""
+    first = errors[0] if errors else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "request body"
+    return {
+        "error": f"invalid request: {first.get('msg', 'bad body')}",
+        "where": where,
+        "fix": "send a JSON body as documented at /docs",
+    }
