@@ -136,3 +136,13 @@ def test_no_import_cycles_between_modules(graph):
             "import cycles (move the shared code down a layer, docs/architecture.md):\n"
             + "\n".join(sorted(cycles))
         )
+
+
+def test_no_function_over_60_lines_without_a_reason():
+    """Short functions: benchmarks/longest_functions.py --max 60 lists any longer one without `# long: <why>`."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "longest_functions.py"), "--max", "60"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

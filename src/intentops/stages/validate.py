@@ -66,9 +66,8 @@ def class_counts(table: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
     return frame
 
 
-def build_suites(
-    labels: list[str], oos_label: str | None, params
-) -> dict[str, list]:  # long: one declarative list of expectations
+# long: one declarative list of expectations per suite, read top to bottom
+def build_suites(labels: list[str], oos_label: str | None, params) -> dict[str, list]:
     """The expectations of each suite, keyed by the name of the frame (and suite) they validate."""
     import great_expectations.expectations as gxe
 
