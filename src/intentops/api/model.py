@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from intentops.api.settings import resolve_bundle, watched_registry
+from intentops.inference.predictor import Predictor
 
 log = logging.getLogger("ray.serve")  # Serve's replica log (JSON lines with encoding: JSON)
 
@@ -19,7 +19,7 @@ log = logging.getLogger("ray.serve")  # Serve's replica log (JSON lines with enc
 class LoadedModel:
     """A predictor with what the API reports about it; swapped as one reference."""
 
-    predictor: Any
+    predictor: Predictor
     bundle_dir: Path
     version: str
     card: dict
@@ -27,34 +27,14 @@ class LoadedModel:
     labels: frozenset[str] = field(repr=False)
 
 
-def read_json_file(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def model_version(predictor: Predictor, bundle_dir: Path, registry_version: str | None) -> str:
+    """The bundle's content version, else its card's, else the registry version, else the folder name."""
+    return str(predictor.version or predictor.card.get("version") or registry_version or bundle_dir.name)
 
 
-def model_version(predictor: Any, bundle_dir: Path, registry_version: str | None) -> str:
-    """The predictor's version, else the card's or bundle record's, else the registry or folder name."""
-    card = model_card(predictor, bundle_dir)
-    meta = getattr(predictor, "meta", None) or {}
-    for cand in (
-        getattr(predictor, "version", None),
-        card.get("version"),
-        meta.get("version"),
-        registry_version,
-    ):
-        if cand:
-            return str(cand)
-    return bundle_dir.name
-
-
-def model_card(predictor: Any, bundle_dir: Path) -> dict:
-    """The predictor's card, else card.json in the bundle, else the bundle record without the label list."""
-    card = getattr(predictor, "card", None)
-    if card:
-        return dict(card)
-    card = read_json_file(bundle_dir / "card.json")
-    if card:
-        return card
-    return {k: v for k, v in (getattr(predictor, "meta", None) or {}).items() if k != "labels"}
+def model_card(predictor: Predictor) -> dict:
+    """The bundle's card (card.json), else its record without the label list (a torch bundle has no card)."""
+    return dict(predictor.card) or {k: v for k, v in predictor.meta.items() if k != "labels"}
 
 
 def serving_calibration(
@@ -92,8 +72,6 @@ def load_model(bundle_dir: Path, registry_version: str | None, settings: Mapping
     """Load a bundle as the settings say (threads, variant, review thresholds) and warm it up."""
     import torch
 
-    from intentops.inference.predictor import Predictor
-
     threads = settings["num_threads"]
     torch.set_num_threads(threads)
     predictor = Predictor.load(bundle_dir, threads=threads, variant=settings["variant"])
@@ -106,7 +84,7 @@ def load_model(bundle_dir: Path, registry_version: str | None, settings: Mapping
         predictor=predictor,
         bundle_dir=bundle_dir,
         version=model_version(predictor, bundle_dir, registry_version),
-        card=model_card(predictor, bundle_dir),
+        card=model_card(predictor),
         thresholds=thresholds,
         labels=frozenset(predictor.labels),
     )

@@ -185,8 +185,9 @@ class TorchPredictor(Predictor):
         labels: Sequence[str],
         meta: dict | None = None,
         calibration: dict | None = None,
+        card: dict | None = None,
     ):
-        super().__init__(labels, meta or {}, calibration)
+        super().__init__(labels, meta or {}, calibration, card)
         self.featurizer, self.net = featurizer, net.eval()
 
     @classmethod
@@ -209,7 +210,8 @@ class TorchPredictor(Predictor):
         net.load_state_dict(
             torch.load(bundle_dir / layout.WEIGHTS_FILE, map_location="cpu", weights_only=True)
         )
-        return cls(featurizer, net, meta["labels"], meta, read_calibration(bundle_dir))
+        card = layout.read_json_file(bundle_dir / layout.CARD_FILE)
+        return cls(featurizer, net, meta["labels"], meta, read_calibration(bundle_dir), card)
 
     def save(
         self, bundle_dir: str | os.PathLike, net_config: dict, net_kwargs: dict, extra: dict | None = None
