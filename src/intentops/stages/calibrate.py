@@ -88,17 +88,18 @@ def run_calibrate(
         "method": ood["method"],
         "threshold": ood["threshold"],
     }
+    outs = {}
     for split, logits, y, emb in (
         ("val", val_logits, val_y, val_emb),
         ("test", test_logits, test_y, test_emb),
     ):
-        out = postprocess(logits, calibration, emb)
+        outs[split] = out = postprocess(logits, calibration, emb)
         m = split_metrics(out, y, y < 0, ood["higher_is_ood"], n_bins, oos_index)
         m["ece_before"] = expected_calibration_error(softmax(logits[y >= 0]), y[y >= 0], n_bins)
         m["ece_after"] = m.pop("ece")
         metrics[split] = m
     plots = calibration_plots(
-        postprocess(test_logits, calibration, test_emb),
+        outs["test"],
         test_y,
         ood["higher_is_ood"],
         oos_index,

@@ -10,13 +10,12 @@ import numpy as np
 import pandas as pd
 
 from intentops.config import load_params
+from intentops.data.splits import SPLITS
 from intentops.errors import cli_entry
 from intentops.io import atomic_path, write_json
 from intentops.models.encoder import check_layers, load_encoder, resolve_encoder, run_embed
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
 
 
 @cli_entry

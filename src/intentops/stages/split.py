@@ -9,12 +9,12 @@ import pandas as pd
 
 from intentops.config import load_params
 from intentops.data.readers import FEEDBACK_SPLIT, match_key
+from intentops.data.splits import SPLITS
 from intentops.errors import UserError, cli_entry
 from intentops.io import read_json, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 # Origin splits as published, mapped to the split they feed; oos_train is optional (see split.oos_as_class).
 # Reviewed feedback joins train only: it is never carved into val or test, so test stays the official split.
 ORIGIN_TO_SPLIT = {
