@@ -225,7 +225,7 @@ def main() -> None:
         "--bundle",
         default=None,
         help="bundle folder, or `production` (default: production "
-        "when models/registry/production exists, else models/train)",
+        "when models/registry/production exists, else the exported bundle, paths.bundle_dir)",
     )
     parser.add_argument("--variant", default=None, help="the bundle's graph to serve: fp32 (default) or int8")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every request count")
@@ -242,9 +242,13 @@ def main() -> None:
     from intentops.feedback import store
 
     os.chdir(ROOT)  # the settings' relative paths (params.yaml, bundle, store) start at the project root
-    defaults = OmegaConf.to_container(load_params(ROOT / "params.yaml").serving, resolve=True)
+    params = load_params(ROOT / "params.yaml")
+    defaults = OmegaConf.to_container(params.serving, resolve=True)
+    # Serving loads ONNX bundles: without a production model, the `export` stage's bundle (models/bundle).
     bundle = args.bundle or (
-        "production" if (ROOT / defaults["registry_dir"] / "production").is_file() else "models/train"
+        "production"
+        if (ROOT / defaults["registry_dir"] / "production").is_file()
+        else params.paths.bundle_dir
     )
     user_config = settings.merge_settings(
         {"bundle": bundle, **{k: v for k, v in defaults.items() if k != "bundle"}},

@@ -197,3 +197,89 @@ def run(
 def make_project(dest: Path, overrides: list[str]) -> Path:
     """A real git + DVC repo holding this project's pipeline, with params composed from conf/ plus overrides."""
     return create_project(dest, overrides, root=ROOT)
+
+
+def tiny_onnx_graph(n_features: int, n_labels: int, confident: bool) -> bytes:
+    """A serialised ONNX graph with export's interface: input_ids, attention_mask (b, L) int64 and tfidf (b, V)
+    float32 -> logits (b, k) = tfidf @ W + bias, embedding (b, 8) = tfidf @ P.
+
+    W is small (|logit change| < 0.5 for a unit-norm TF-IDF row), so the bias decides: 20 on column 0 when
+    `confident` (every text goes there with confidence ~1), 0 otherwise (near uniform).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    bias = np.zeros(n_labels, np.float32)
+    bias[0] = 20.0 if confident else 0.0
+    weights = {
+        "W": (rng.standard_normal((n_features, n_labels)) * 0.1).astype(np.float32),
+        "bias": bias,
+        "P": rng.standard_normal((n_features, 8)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["tfidf", "W"], ["scores"]),
+        helper.make_node("Add", ["scores", "bias"], ["logits"]),
+        helper.make_node("MatMul", ["tfidf", "P"], ["embedding"]),
+    ]
+    ids = ["batch", "sequence"]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ids),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ids),
+            helper.make_tensor_value_info("tfidf", TensorProto.FLOAT, ["batch", n_features]),
+        ],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_labels]),
+            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 8]),
+        ],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    # IR 8 / opset 17: what export writes, and what every supported onnxruntime reads.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def write_tiny_onnx_bundle(dest: Path, labels: list[str], confident: bool, card: dict | None = None) -> str:
+    """A real, sealed ONNX bundle that `Predictor.load` serves, written in well under a second; returns its version.
+
+    The packaged MiniLM tokenizer (as export writes it), a TF-IDF union fitted on the fixture texts (the
+    minilm_head featurizer's settings), and `tiny_onnx_graph` over it: confident=True sends every text to
+    labels[0] with confidence ~1 (never reviewed), confident=False is near uniform (always reviewed). No
+    calibrated review thresholds, so serving's configured ones apply.
+    """
+    import joblib
+
+    from intentops.inference import bundle as layout
+    from intentops.io import write_json
+    from intentops.models.encoder import resolve_encoder
+    from intentops.models.tfidf import make_tfidf
+    from intentops.stages.export import write_tokenizer
+
+    dest.mkdir(parents=True, exist_ok=True)
+    max_seq_length = 128
+    write_tokenizer(Path(resolve_encoder(None)), dest / layout.TOKENIZER_FILE, max_seq_length)
+    tfidf = make_tfidf(word_ngram=(1, 2), char_ngram=(2, 5), min_df=2)
+    tfidf.fit([t for texts in fixture_texts().values() for t in texts])
+    joblib.dump(tfidf, dest / layout.TFIDF_FILE)
+    n_features = len(tfidf.get_feature_names_out())
+    (dest / layout.ONNX_FILE).write_bytes(tiny_onnx_graph(n_features, len(labels), confident))
+    write_json(dest / layout.LABELS_FILE, list(labels))
+    write_json(dest / layout.CALIBRATION_FILE, {"temperature": 1.0, "ood": {}})
+    write_json(dest / layout.CARD_FILE, {"model": "tiny", **(card or {})})
+    meta = {
+        "format": "onnx",
+        "model": "tiny",
+        "model_file": layout.ONNX_FILE,
+        "variants": {"fp32": layout.ONNX_FILE},
+        "inputs": ["input_ids", "attention_mask", "tfidf"],
+        "outputs": ["logits", "embedding"],
+        "opset": 17,
+        "max_seq_length": max_seq_length,
+        "session": {"intra_op_num_threads": 1},
+    }
+    write_json(dest / layout.BUNDLE_META, meta)
+    return layout.seal(dest)

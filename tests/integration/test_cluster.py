@@ -214,10 +214,12 @@ def test_serve_replaces_a_killed_replica_under_load(cluster, tmp_path):
 
     from intentops.api.service import IntentService
     from intentops.feedback import store
+    from intentops.inference.registry import Registry
 
     registry = tmp_path / "registry"
-    write_tiny_bundle(registry / "v1", "v1", confident=True)
-    (registry / "production").write_text("v1\n")
+    version = write_tiny_bundle(tmp_path / "v1", confident=True)
+    Registry.at(registry).add(tmp_path / "v1", version)
+    (registry / "production").write_text(version + "\n")
     engine = store.make_engine(f"sqlite:///{tmp_path / 'queue.db'}")
     store.upgrade(engine)
     engine.dispose()

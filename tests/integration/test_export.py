@@ -98,6 +98,7 @@ def test_bundle_contents(project):
         "labels.json",
         "calibration.json",
         "card.json",
+        "manifest.json",
     }
     meta = json.loads((bundle / "bundle.json").read_text())
     assert meta["format"] == "onnx" and meta["version"] == content_version(bundle)
@@ -115,6 +116,28 @@ def test_bundle_contents(project):
     tok = json.loads((bundle / "tokenizer.json").read_text())
     assert tok["truncation"]["max_length"] == cfg.embed.max_seq_length
     assert tok["padding"]["strategy"] == "BatchLongest"
+
+
+def test_exported_bundle_verifies_and_a_changed_byte_is_refused(project, tmp_path):
+    """The export is sealed: it verifies as its version; one flipped byte in any of these files is refused."""
+    from intentops.errors import UserError
+    from intentops.inference.bundle import verify_bundle
+
+    root, cfg = project
+    bundle = tmp_path / "bundle"
+    shutil.copytree(root / cfg.paths.bundle_dir, bundle)
+    version = json.loads((bundle / "bundle.json").read_text())["version"]
+    assert verify_bundle(bundle, expected_version=version)["version"] == version
+    for name in ("bundle.json", "model.onnx", "tfidf.joblib"):
+        original = (bundle / name).read_bytes()
+        changed = bytearray(original)
+        changed[len(changed) // 2] ^= 0x01
+        (bundle / name).write_bytes(bytes(changed))
+        with pytest.raises(UserError, match="changed: expected sha256") as exc:
+            verify_bundle(bundle, expected_version=version)
+        assert exc.value.where == str(bundle / name)
+        (bundle / name).write_bytes(original)
+    verify_bundle(bundle, expected_version=version)
 
 
 def test_one_onnx_graph_with_dynamic_axes(project):

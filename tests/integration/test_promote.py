@@ -122,11 +122,11 @@ def check_rollback_cli(root, registry, v1: str, v2: str, bad: str, capsys) -> No
 
 
 def derive_bundle(bundle, dest, shuffle_head: bool = False, calibration: dict | None = None) -> str:
-    """Copy an ONNX bundle, optionally with the head's class rows permuted or other calibration; re-version it."""
+    """Copy an ONNX bundle, optionally with the head's class rows permuted or other calibration; re-seal it."""
     import onnx
     from onnx import numpy_helper
 
-    from intentops.inference.bundle import content_version
+    from intentops.inference.bundle import seal
 
     shutil.copytree(bundle, dest)
     if shuffle_head:
@@ -143,10 +143,9 @@ def derive_bundle(bundle, dest, shuffle_head: bool = False, calibration: dict | 
         cal = json.loads((dest / "calibration.json").read_text())
         (dest / "calibration.json").write_text(json.dumps({**cal, **calibration}))
     meta = json.loads((dest / "bundle.json").read_text())
-    meta["version"] = content_version(dest)
     meta["variants"] = {k: v for k, v in meta["variants"].items() if (dest / v).is_file()}
     (dest / "bundle.json").write_text(json.dumps(meta))
-    return meta["version"]
+    return seal(dest)  # new version in bundle.json and card.json, new manifest: the registry verifies it
 
 
 def use_challenger(root, cfg, bundle) -> None:

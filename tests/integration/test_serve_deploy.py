@@ -25,7 +25,7 @@ SERVE = Path(sys.executable).parent / "serve"
 
 def test_serve_deploy_of_the_committed_config(tmp_path):
     bundle = tmp_path / "bundle"
-    write_tiny_bundle(bundle, "deploy-test", confident=True)
+    version = write_tiny_bundle(bundle, confident=True)
     # The committed Serve config, pointed at a test bundle and free ports; no store or profiles needed here.
     cfg = yaml.safe_load((ROOT / "serving" / "config.yaml").read_text())
     http_port, dash_port = free_port(), free_port()
@@ -75,11 +75,11 @@ def test_serve_deploy_of_the_committed_config(tmp_path):
                 pass
             time.sleep(2)
         assert ready is not None and ready.status_code == 200, "the deployed app never became ready"
-        assert ready.json()["model_version"] == "deploy-test"
+        assert ready.json()["model_version"] == version
         r = httpx.post(
             f"http://127.0.0.1:{http_port}/v1/predict", json={"text": "my card has not arrived"}, timeout=30
         )
-        assert r.status_code == 200 and r.json()["model_version"] == "deploy-test"
+        assert r.status_code == 200 and r.json()["model_version"] == version
         subprocess.run(
             [str(SERVE), "shutdown", "-y", "--address", address],
             cwd=ROOT,

@@ -1,7 +1,8 @@
 """The real Ray Serve app (intentops.api.service) on loopback: routes, batching, bad requests, API key, feedback, hot swap.
 
-One Ray + Serve instance for the module. The bundles are tiny untrained BiLSTMs over the packaged
-tokenizer: v1 is biased to one intent (confident, never needs review), v2 is near uniform (always does).
+One Ray + Serve instance for the module. The bundles are tiny sealed ONNX bundles (tests/support.py
+write_tiny_onnx_bundle), registered under their content versions: v1 is biased to one intent (confident, never
+needs review), v2 is near uniform (always does).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import json
 import os
 import socket
+import sqlite3
 import time
 from pathlib import Path
 
@@ -18,35 +20,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from support import ROOT
+from support import ROOT, write_tiny_onnx_bundle
 
 KEY = "test-key-123"
 AUTH = {"X-API-Key": KEY}
 LABELS = ["card_arrival", "lost_or_stolen_card", "exchange_rate", "top_up_failed", "pin_blocked"]
 
 
-def write_tiny_bundle(dest: Path, version: str, confident: bool) -> None:
-    """A real Predictor bundle (untrained): confident=True pushes every text to LABELS[0]."""
-    import torch
-
-    from intentops.inference.predictor import TorchPredictor
-    from intentops.models.bilstm import BiLSTMClassifier
-    from intentops.models.tokens import TokenFeaturizer
-
-    featurizer = TokenFeaturizer(max_length=32)
-    net_kwargs = {"vocab_size": featurizer.net_kwargs()["vocab_size"], "n_classes": len(LABELS)}
-    net_config = {
-        "_target_": "intentops.models.bilstm.BiLSTMClassifier",
-        "embed_dim": 8,
-        "hidden": 8,
-        "dropout": 0.0,
-    }
-    torch.manual_seed(0)
-    net = BiLSTMClassifier(**net_kwargs, **{k: v for k, v in net_config.items() if k != "_target_"})
-    with torch.no_grad():
-        net.classifier.bias[0] = 8.0 if confident else 0.0
-    TorchPredictor(featurizer, net, LABELS).save(dest, net_config, net_kwargs, {"version": version})
-    (dest / "card.json").write_text(json.dumps({"version": version, "metrics": {"test/macro_f1": 0.5}}))
+def write_tiny_bundle(dest: Path, confident: bool) -> str:
+    """A real, sealed ONNX bundle (untrained): confident=True pushes every text to LABELS[0]; returns its version."""
+    return write_tiny_onnx_bundle(dest, LABELS, confident, card={"metrics": {"test/macro_f1": 0.5}})
 
 
 def free_port() -> int:
@@ -57,18 +40,22 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """(base url, work dir) of the app serving registry version v1, with the API key required."""
+    """(base url, work dir, {"v1": version, "v2": version}) of the app serving registry version v1, with the API
+    key required."""
     import ray
     from ray import serve
 
     from intentops.api.service import IntentService
     from intentops.feedback import store
+    from intentops.inference.registry import Registry
 
     work = tmp_path_factory.mktemp("serving")
     registry = work / "registry"
-    write_tiny_bundle(registry / "v1", "v1", confident=True)
-    write_tiny_bundle(registry / "v2", "v2", confident=False)
-    (registry / "production").write_text("v1\n")
+    bundles = {}
+    for name, confident in (("v1", True), ("v2", False)):
+        bundles[name] = write_tiny_bundle(work / "bundles" / name, confident)
+        Registry.at(registry).add(work / "bundles" / name, bundles[name])
+    (registry / "production").write_text(bundles["v1"] + "\n")
     db = work / "queue.db"
     engine = store.make_engine(f"sqlite:///{db}")
     store.upgrade(engine)
@@ -79,6 +66,8 @@ def served(tmp_path_factory):
         "bundle": "production",
         "registry_dir": str(registry),
         "watch_interval_s": 0.2,
+        "max_body_bytes": 20000,
+        "health": {"canary_interval_s": 0.5, "canary_timeout_s": 10.0},
         "max_texts": 8,
         "max_text_chars": 200,
         "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
@@ -112,7 +101,7 @@ def served(tmp_path_factory):
             logging_config={"encoding": "JSON", "enable_access_log": False},
         )
         serve.run(service.bind(), name="intentops", route_prefix="/")
-        yield f"http://127.0.0.1:{port}", work
+        yield f"http://127.0.0.1:{port}", work, bundles
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -128,11 +117,29 @@ def predict(client, body, headers=AUTH):
     return client.post("/v1/predict", json=body, headers=headers)
 
 
-def test_predict_one_text_and_a_list(client):
+def wait_stored(db: Path, prediction_ids: list[str], timeout: float = 15) -> tuple[dict, dict]:
+    """(review queue, predictions) by prediction id, once the replica's writer stored every id (it writes
+    off the request path, every serving.store.flush_s)."""
+    from intentops.feedback import store
+
+    engine = store.make_engine(f"sqlite:///{db}")
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            recorded = {r["prediction_id"]: r for r in store.table_rows(engine, store.predictions)}
+            if set(prediction_ids) <= recorded.keys() or time.monotonic() > deadline:
+                queued = {i["prediction_id"]: i for i in store.queue_items(engine)}
+                return queued, recorded
+            time.sleep(0.1)
+    finally:
+        engine.dispose()
+
+
+def test_predict_one_text_and_a_list(client, served):
     r = predict(client, {"text": "my card has not arrived"})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["model_version"] == "v1" and body["request_id"]
+    assert body["model_version"] == served[2]["v1"] and body["request_id"]
     (p,) = body["predictions"]
     assert p["intent"] == "card_arrival" and p["out_of_scope"] is False and p["reason"] is None
     assert p["needs_review"] is False
@@ -152,11 +159,13 @@ def test_predict_one_text_and_a_list(client):
     assert r.status_code == 200 and len(preds) == 3 and len({p["prediction_id"] for p in preds}) == 3
 
 
-def test_health_ready_model_card_and_docs(client):
+def test_health_ready_model_card_and_docs(client, served):
+    v1 = served[2]["v1"]
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"status": "ready", "model_version": "v1"}
+    ready = client.get("/readyz").json()
+    assert (ready["status"], ready["model_version"], ready["store"]["up"]) == ("ready", v1, True)
     card = client.get("/v1/model", headers=AUTH).json()
-    assert card["version"] == "v1" and card["labels"] == sorted(LABELS)
+    assert card["version"] == v1 and card["labels"] == sorted(LABELS)
     assert card["thresholds"]["source"] == "config" and card["card"]["metrics"]["test/macro_f1"] == 0.5
     assert "/v1/predict" in client.get("/openapi.json", headers=AUTH).json()["paths"]
     assert client.get("/docs", headers=AUTH).status_code == 200
@@ -227,6 +236,32 @@ BAD_REQUESTS = [
     ("feedback without label", "POST", "/v1/feedback", {"json": {"prediction_id": "x"}}, 422),
     ("wrong method", "GET", "/v1/predict", {}, 405),
     ("unknown route", "GET", "/v1/nothing", {}, 404),
+    ("NUL in a text", "POST", "/v1/predict", {"json": {"text": "card\x00 lost"}}, 422),
+    (
+        "lone surrogate (valid JSON)",
+        "POST",
+        "/v1/predict",
+        {
+            "content": b'{"text": "card \\ud800 lost"}',
+            "headers": {**AUTH, "content-type": "application/json"},
+        },
+        422,
+    ),
+    (
+        "terminal escape in a feedback label",
+        "POST",
+        "/v1/feedback",
+        {"json": {"prediction_id": "x", "label": "card\x1b[31m"}},
+        422,
+    ),
+    ("body over max_body_bytes", "POST", "/v1/predict", {"content": b"x" * 30000}, 413),
+    (
+        "chunked body over max_body_bytes",
+        "POST",
+        "/v1/predict",
+        {"content": iter([b'{"text": "' + b" " * 15000, b" " * 15000 + b'"}'])},
+        413,
+    ),
 ]
 
 
@@ -235,14 +270,57 @@ def test_bad_requests_get_a_4xx_and_the_server_stays_healthy(client):
         kwargs = {"headers": AUTH, **kwargs}
         r = client.request(method, path, **kwargs)
         assert r.status_code == status, (name, r.status_code, r.text)
-        if (
-            r.headers.get("content-type") == "application/json"
-            and status in (401, 404, 413, 422)
-            and path != "/v1/nothing"
-        ):
+        if status in (401, 404, 405, 413, 422):  # the API's own error shape, whoever refused it
             assert r.json().get("error") and r.json().get("fix"), (name, r.text)
         assert client.get("/healthz").status_code == 200, name
         assert predict(client, {"text": "still fine?"}).status_code == 200, name
+
+
+def test_a_list_request_names_every_bad_text_in_one_answer(client):
+    r = predict(client, {"texts": ["my card", "a\x1bb", "fine", "\x7f", "  "]})
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert [p["index"] for p in body["problems"]] == [1, 3, 4]
+    assert "texts[1]" in body["where"] and "texts[3]" in body["where"] and "texts[4]" in body["where"]
+    assert "U+001B" in body["problems"][0]["error"]
+
+
+def test_a_bundle_that_fails_verification_is_refused_and_retried(client, served):
+    """Point production at a bundle whose labels.json was changed after sealing: the replica keeps serving the
+    model it has, says why in /readyz (degraded) and /v1/model, and retries; once the pointer is back, the
+    failure clears."""
+    from intentops.inference.registry import Registry
+    from support import write_tiny_onnx_bundle
+
+    _, work, _ = served
+    registry = Registry.at(work / "registry")
+    before = registry.production()
+    serving = client.get("/v1/model", headers=AUTH).json()["version"]
+    version = write_tiny_onnx_bundle(work / "bundles" / "v3", LABELS[::-1], True)
+    registry.add(work / "bundles" / "v3", version)
+    (registry.root / version / "labels.json").write_text(json.dumps(LABELS))  # tampered after sealing
+    registry.set_production(version, event="promote", reason="test: a tampered bundle")
+    try:
+        ready = poll(client, lambda: client.get("/readyz").json(), lambda b: b["status"] == "degraded")
+        assert "model load failing" in ready["reasons"][0] and "labels.json" in ready["reasons"][0]
+        info = client.get("/v1/model", headers=AUTH).json()
+        assert info["version"] == serving and info["reload"]["attempts"] >= 1
+        assert predict(client, {"text": "still serving?"}).json()["model_version"] == serving
+    finally:
+        registry.set_production(before, event="rollback", reason="test: back")
+    poll(client, lambda: client.get("/readyz").json(), lambda b: b["status"] == "ready", timeout=20)
+    assert client.get("/v1/model", headers=AUTH).json()["reload"] is None
+
+
+def poll(client, get, done, timeout: float = 10.0):
+    """`get()` until `done(result)` or the timeout; the last result."""
+    deadline = time.monotonic() + timeout
+    result = get()
+    while not done(result) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        result = get()
+    assert done(result), result
+    return result
 
 
 def test_api_key_is_needed_everywhere_but_the_probes(client):
@@ -276,7 +354,8 @@ def test_feedback_is_stored_once_per_feedback_id(client, served):
 
 def test_hot_swap_under_traffic_fails_nothing(served):
     """Move the production pointer while 4 clients send requests: no failure, and the version changes."""
-    base, work = served
+    base, work, bundles = served
+    v1, v2 = bundles["v1"], bundles["v2"]
     results: list[tuple[int, str | None]] = []
 
     async def client_loop(c: httpx.AsyncClient, stop: asyncio.Event) -> None:
@@ -293,10 +372,10 @@ def test_hot_swap_under_traffic_fails_nothing(served):
             tasks = [asyncio.create_task(client_loop(c, stop)) for _ in range(4)]
             await asyncio.sleep(1.0)
             tmp = work / "registry" / "production.tmp"
-            tmp.write_text("v2\n")
+            tmp.write_text(v2 + "\n")
             os.replace(tmp, work / "registry" / "production")  # what Registry.set_production does
             deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and not any(v == "v2" for _, v in results[-4:]):
+            while time.monotonic() < deadline and not any(v == v2 for _, v in results[-4:]):
                 await asyncio.sleep(0.1)
             await asyncio.sleep(0.5)
             stop.set()
@@ -305,22 +384,19 @@ def test_hot_swap_under_traffic_fails_nothing(served):
     asyncio.run(run())
     assert [s for s, _ in results if s != 200] == []
     versions = [v for _, v in results]
-    assert versions[0] == "v1" and versions[-1] == "v2", versions
-    assert "v1" not in versions[versions.index("v2") :]  # once swapped, never back
+    assert versions[0] == v1 and versions[-1] == v2, versions
+    assert v1 not in versions[versions.index(v2) :]  # once swapped, never back
 
     # v2 is unsure of everything: its predictions need review, and their texts reach the queue.
     with httpx.Client(base_url=base, timeout=30, headers=AUTH) as c:
         p = c.post("/v1/predict", json={"text": "review me please"}).json()["predictions"][0]
         assert p["needs_review"] is p["out_of_scope"] is True and p["reason"] == "low_confidence"
-        assert c.get("/v1/model").json()["version"] == "v2"
-    from intentops.feedback import store
+        assert c.get("/v1/model").json()["version"] == v2
 
-    engine = store.make_engine(f"sqlite:///{work / 'queue.db'}")
-    queued = {i["prediction_id"]: i for i in store.queue_items(engine)}
-    engine.dispose()
+    queued, _ = wait_stored(work / "queue.db", [p["prediction_id"]])
     assert queued[p["prediction_id"]]["text"] == "review me please"
     assert queued[p["prediction_id"]]["reason"] == "low_confidence"
-    assert all(i["model_version"] == "v2" for i in queued.values())
+    assert all(i["model_version"] == v2 for i in queued.values())
 
 
 def test_profiles_hold_features_never_text(served):
@@ -342,6 +418,7 @@ def oos_app(served, tmp_path_factory):
 
     from integration.test_export import exported_project
     from intentops.api.service import IntentService
+    from intentops.inference.bundle import seal
     from intentops.inference.ood import choose_threshold, energy_score
     from intentops.inference.predictor import Predictor
     from intentops.io import write_json
@@ -365,6 +442,7 @@ def oos_app(served, tmp_path_factory):
             "oos_label": "oos",
         },
     )
+    seal(bundle)  # a changed calibration is a new version: re-version and re-list the bundle
     user_config = {
         "bundle": str(bundle),
         "watch_interval_s": 0,
@@ -386,7 +464,6 @@ def oos_app(served, tmp_path_factory):
 
 def test_out_of_scope_queries_are_flagged_with_a_reason_and_queued(oos_app):
     """An in-scope message is routed; a clearly out-of-domain one comes back out_of_scope and goes to the queue."""
-    from intentops.feedback import store
 
     url, db = oos_app
     with httpx.Client(base_url=url, timeout=60) as c:
@@ -408,10 +485,7 @@ def test_out_of_scope_queries_are_flagged_with_a_reason_and_queued(oos_app):
         "out_of_distribution",
         True,
     )
-    engine = store.make_engine(f"sqlite:///{db}")
-    queued = {i["prediction_id"]: i for i in store.queue_items(engine)}
-    recorded = {r["prediction_id"]: r for r in store.table_rows(engine, store.predictions)}
-    engine.dispose()
+    queued, recorded = wait_stored(db, [inside["prediction_id"], outside["prediction_id"]])
     assert (
         inside["prediction_id"] not in queued and recorded[inside["prediction_id"]]["needs_review"] is False
     )
@@ -423,3 +497,29 @@ def test_out_of_scope_queries_are_flagged_with_a_reason_and_queued(oos_app):
     assert (
         item["suggested_intent"] == outside["intent"] and recorded[outside["prediction_id"]]["needs_review"]
     )
+
+
+def test_a_failing_store_never_puts_the_text_in_a_log(oos_app):
+    """Lock the store while an out-of-scope text (queued with its text) is served: the writer fails and logs
+    it, yet no log under Ray's session folder holds the text; once the lock is gone, the text is queued."""
+    import ray
+
+    url, db = oos_app
+    marker = "what is the weather like in paris tomorrow zq7731"
+    lock = sqlite3.connect(db, timeout=5)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            pred = c.post("/v1/predict", json={"text": marker}).json()["predictions"][0]
+            assert pred["out_of_scope"], pred  # so its text goes to the review queue
+            poll(c, lambda: c.get("/readyz").json(), lambda b: b["status"] == "degraded")
+    finally:
+        lock.rollback()
+        lock.close()
+    queued, _ = wait_stored(db, [pred["prediction_id"]])
+    assert queued[pred["prediction_id"]]["text"] == marker
+    ctx = ray.get_runtime_context()
+    logs = Path(ctx.get_temp_dir()) / ctx.get_session_name() / "logs"
+    failures = [p for p in logs.rglob("*") if p.is_file() and b"unavailable" in p.read_bytes()]
+    assert failures, "the writer logged the store failure"
+    assert [p for p in logs.rglob("*") if p.is_file() and marker.encode() in p.read_bytes()] == []

@@ -4,7 +4,14 @@ import socket
 
 import pytest
 
-from intentops.data.readers import match_key, normalise_text, read_clinc_json, read_csv_rows, read_taxonomy
+from intentops.data.readers import (
+    match_key,
+    normalise_text,
+    read_clinc_json,
+    read_csv_rows,
+    read_feedback,
+    read_taxonomy,
+)
 from intentops.data.sources import FileSpec, fetch_bytes, resolve_location, verify_sha256
 from intentops.errors import UserError
 
@@ -91,3 +98,79 @@ def test_fsspec_memory_url():
     with fsspec.open("memory://mirror/banking77/train.csv", "wb") as fh:
         fh.write(b"text,category\r\nhi,a\r\n")
     assert fetch_bytes("memory://mirror/banking77/train.csv").startswith(b"text")
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def test_a_leading_bom_is_dropped_by_every_reader():
+    assert read(BOM + b"text,category\r\nhi,a\r\n")[["text", "label"]].values.tolist() == [["hi", "a"]]
+    clinc = read_clinc_json(BOM + b'{"train": [["hi", "greet"]]}', "x/data_full.json")
+    assert clinc["text"].tolist() == ["hi"]
+    rows, _ = read_feedback(BOM + b"text,label,prediction_id\r\nhi,card_arrival,p1\r\n", "data/labels.csv")
+    assert rows["label"].tolist() == ["card_arrival"]
+    assert read_taxonomy(BOM + b'["a", "b"]', "t.json") == ["a", "b"]
+
+
+def test_crlf_file_with_nbsp_and_format_characters_reads():
+    data = 'text,category\r\n"two\r\nlines",a\r\ntop\u00a0up,b\r\n\U0001f469\u200d\U0001f4bb,c\r\n'.encode()
+    df = read(data)
+    # accepted; normalisation (unchanged) makes the NBSP a plain space, as any whitespace run
+    assert df["text"].tolist() == ["two lines", "top up", "\U0001f469\u200d\U0001f4bb"]
+    assert df["source_id"].tolist() == ["train.csv:3", "train.csv:4", "train.csv:5"]
+
+
+@pytest.mark.parametrize(
+    ("data", "message", "where"),
+    [
+        (
+            b"text,category\r\nok,a\r\nbad\x00text,b\r\n",
+            "the text holds a control character U+0000 (NUL) at position 3",
+            "dir/train.csv:3",
+        ),
+        (
+            b'text,category\r\n"two\r\nlines\x1b[2J",a\r\n',
+            "the text holds a control character U+001B (ESC)",
+            "dir/train.csv:3",
+        ),
+        (
+            "text,category\r\nnext\x85line,a\r\n".encode(),
+            "control character U+0085 (NEL) at position 4",
+            "dir/train.csv:2",
+        ),
+        (
+            b"text,category\r\nok,card\x7f\r\n",
+            "the label holds a control character U+007F (DEL)",
+            "dir/train.csv:2",
+        ),
+        # A lone surrogate cannot be UTF-8: the decoder names the line.
+        (
+            b"text,category\r\nok,a\r\ncard \xed\xa0\x80 lost,b\r\n",
+            "not valid UTF-8 at line 3",
+            "dir/train.csv:3",
+        ),
+    ],
+)
+def test_a_bad_character_fails_naming_file_line(data, message, where):
+    with pytest.raises(UserError) as err:
+        read(data)
+    assert message in err.value.what
+    assert err.value.where == where
+    assert "UTF-8" in err.value.fix
+
+
+def test_clinc_json_lone_surrogate_names_split_and_index():
+    data = b'{"train": [["hi", "greet"], ["card \\ud800 lost", "lost_card"]]}'
+    with pytest.raises(UserError) as err:
+        read_clinc_json(data, "x/data_full.json")
+    assert err.value.what == "the text holds a lone surrogate U+D800 at position 5"
+    assert err.value.where == "x/data_full.json: train[1]"
+
+
+def test_feedback_labels_and_taxonomy_follow_the_text_rules():
+    with pytest.raises(UserError) as err:
+        read_feedback(b"text,label\r\nhi,card_arrival\r\nhello,new:x\x1b\r\n", "data/labels.csv")
+    assert "the label holds a control character U+001B (ESC)" in err.value.what
+    assert err.value.where == "data/labels.csv:3"
+    with pytest.raises(UserError, match="taxonomy label 2 holds a control character U\\+0000"):
+        read_taxonomy(b'["a", "b\\u0000"]', "t.json")

@@ -1,10 +1,20 @@
 """Labelling rules from docs/labeling-guidelines.md: answers, strict majority, adjudication, kappa."""
 
+import io
+
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
 from intentops.data.taxonomy import Taxonomy
-from intentops.feedback.label import agreement, export_table, parse_answer, resolve
+from intentops.feedback import store
+from intentops.feedback.label import (
+    _stdin_reader,
+    agreement,
+    export_table,
+    label_session,
+    parse_answer,
+    resolve,
+)
 
 TAX = Taxonomy(("card_arrival", "card_delivery_estimate", "lost_or_stolen_card", "Refund_not_showing_up"))
 SUGGESTIONS = ["card_arrival", "card_delivery_estimate"]
@@ -94,3 +104,66 @@ def test_export_table_keeps_resolved_items_and_proposed_intents():
         ["text p4", "lost_or_stolen_card", "adjudicated"],
     ]
     assert status == {"exported": 3, "proposals": 1, "pending": 1}
+
+
+def test_parse_answer_refuses_control_characters():
+    with pytest.raises(
+        ValueError, match=r"the answer holds a control character U\+001B \(ESC\) at position 0"
+    ):
+        parse_answer("\x1b[Acard_arrival", TAX, SUGGESTIONS)
+    assert parse_answer("card_arrival\r", TAX, SUGGESTIONS) == ("card_arrival", None)  # CRLF piped input
+
+
+def test_the_session_shows_store_text_escaped_never_raw(tmp_path):
+    """A queue item whose text carries a terminal escape sequence and a bidi override, in a real SQLite store,
+    labelled through the same piped reader `intentops label` uses; everything written is captured."""
+    engine = store.make_engine(f"sqlite:///{tmp_path / 'feedback.db'}")
+    store.upgrade(engine)
+    top_k = [
+        {"intent": "card_arrival", "score": 0.45},
+        {"intent": "card_delivery_estimate\x1b[8m", "score": 0.4},
+    ]
+    store.enqueue(
+        engine,
+        [
+            {
+                "prediction_id": "p1",
+                "text": "\x1b[2J\x1b[31mmy card\u202e never came\r\nhelp",
+                "model_version": "v1",
+                "suggested_intent": "card_arrival",
+                "top_k": top_k,
+                "confidence": 0.45,
+                "reason": "low_confidence",
+            }
+        ],
+    )
+    out = io.StringIO()
+    answers = io.StringIO("card_arrival\x1b[2J # typed with an escape\n1 # first suggestion\n")
+    counts = label_session(
+        engine,
+        "ann",
+        TAX,
+        min_annotators=2,
+        show_top_k=2,
+        read_line=_stdin_reader(answers, out),
+        write=lambda line: out.write(line + "\n"),
+    )
+    engine.dispose()
+    shown = out.getvalue()
+    assert counts == {"shown": 1, "labelled": 1, "skipped": 0}
+    assert "  text: \\x1b[2J\\x1b[31mmy card\\u202e never came\\r\\nhelp\n" in shown
+    assert "2. card_delivery_estimate\\x1b[8m 0.40" in shown
+    assert "card_arrival\\x1b[2J # typed with an escape" in shown  # the echo of the piped answer
+    assert "! the answer holds a control character U+001B (ESC) at position 12" in shown
+    assert all(c.isprintable() or c == "\n" for c in shown)  # nothing raw reached the terminal
+
+
+def test_export_leaves_out_texts_that_ingest_would_refuse():
+    items = [
+        {"prediction_id": p, "text": text, "model_version": "v1", "suggested_intent": "card_arrival"}
+        for p, text in (("p1", "where is my card"), ("p2", "stored before the rules\x00"))
+    ]
+    votes = {p: {"a": "card_arrival", "b": "card_arrival"} for p in ("p1", "p2")}
+    table, status = export_table(items, votes, {}, TAX, min_annotators=2, guideline_version="1")
+    assert table["prediction_id"].tolist() == ["p1"]
+    assert status == {"exported": 1, "bad_text": 1}

@@ -91,16 +91,19 @@ def test_gate_accepts_equal_challenger(y):
 
 
 def test_registry_promote_history_and_rollback(tmp_path):
+    from support import write_tiny_onnx_bundle
+
     reg = Registry.at(tmp_path / "registry")
     assert reg.production() is None
-    for v in ("v1", "v2"):
-        bundle = tmp_path / f"bundle-{v}"
-        bundle.mkdir()
-        (bundle / "card.json").write_text(f'{{"version": "{v}"}}')
-        reg.add(bundle, v)
-        reg.set_production(v, event="promote", reason="gate passed")
-    assert reg.production() == "v2" and (reg.production_dir() / "card.json").is_file()
-    assert reg.rollback() == "v1" and reg.production() == "v1"
+    versions = []
+    for confident in (True, False):
+        bundle = tmp_path / f"bundle-{confident}"
+        versions.append(write_tiny_onnx_bundle(bundle, ["a", "b"], confident))
+        reg.add(bundle, versions[-1])
+        reg.set_production(versions[-1], event="promote", reason="gate passed")
+    v1, v2 = versions
+    assert reg.production() == v2 and (reg.production_dir() / "card.json").is_file()
+    assert reg.rollback() == v1 and reg.production() == v1
     assert [e["event"] for e in reg.history()] == ["promote", "promote", "rollback"]
     with pytest.raises(UserError, match="not in the registry"):
         reg.set_production("v9", event="promote", reason="x")

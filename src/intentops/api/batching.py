@@ -1,25 +1,51 @@
-"""Texts of concurrent requests pooled into model calls: @serve.batch for single texts, then a group commit."""
+"""Texts of concurrent requests pooled into model calls: @serve.batch for single texts, then one runner task."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 from ray import serve
 
 from intentops.api.model import LoadedModel
 
 Result = tuple[dict, dict]  # (API row, facts about the model call that served it) per text
-ModelCall = Callable[[LoadedModel, list[str]], tuple[list[dict], dict]]
+ModelCall = Callable[[LoadedModel, list[str], bool], tuple[list[dict], dict]]
+
+
+@dataclass(eq=False)
+class Pending:
+    """Texts waiting for a model call, and the future their request awaits."""
+
+    texts: list[str]
+    future: asyncio.Future
+    record: bool = True  # False for the health canary: predicted, never recorded
+
+
+def settle(fut: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Resolve a request's future unless it is done already (its client hung up: it was cancelled)."""
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
 
 
 class Batcher:
-    """Pools texts into model calls: whoever gets the model next runs one call for every pending text.
+    """Pools texts into model calls: one runner task runs a call for every pending text, again and again.
+
+    Requests only queue their texts and await their future; the runner is a task of its own, so a request
+    whose client hangs up (Serve cancels its task) never cancels a model call that other requests share,
+    and every future taken into a call is resolved on every path.
 
     Args:
         model: returns the model to serve the next call with.
-        call: one model call, (model, texts) -> (rows, facts); run in the model thread under load.
+        call: one model call, (model, texts, record) -> (rows, facts); run in the model thread under load.
     """
 
     def __init__(self, model: Callable[[], LoadedModel | None], call: ModelCall) -> None:
@@ -27,8 +53,8 @@ class Batcher:
         self.max_batch_size = 32
         self.in_flight = 0  # predict requests being handled
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="infer")  # one model call at a time
-        self._lock = asyncio.Lock()
-        self._pending: list[tuple[list[str], asyncio.Future]] = []
+        self._pending: deque[Pending] = deque()
+        self._runner: asyncio.Task | None = None
 
     def configure(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         self.max_batch_size = max_batch_size
@@ -46,6 +72,10 @@ class Batcher:
         finally:
             self.in_flight -= 1
 
+    async def probe(self, text: str) -> list[Result]:
+        """A prediction through the same queue, runner, model thread and model, recorded nowhere (canary)."""
+        return await self._join([text], record=False)
+
     # max_concurrent_batches > 1: Serve closes a batch after batch_wait_timeout_s even while the model is
     # busy, so under load it forms many small batches; letting them all reach `_join` (instead of queueing
     # on Serve's semaphore) lets the next model call take every text that arrived during the last one.
@@ -54,44 +84,65 @@ class Batcher:
         """Single texts of concurrent requests, as Serve batched them."""
         return await self._join(texts)
 
-    async def _join(self, texts: list[str]) -> list[Result]:
-        """Group commit: queue the texts, then run the pending ones unless an earlier call already took them."""
-        mine = asyncio.get_running_loop().create_future()
-        self._pending.append((texts, mine))
-        async with self._lock:
-            if not mine.done():
-                await self._run_pending()
-        return await mine
+    async def _join(self, texts: list[str], record: bool = True) -> list[Result]:
+        """Queue the texts, make sure the runner runs, and wait for this request's rows."""
+        loop = asyncio.get_running_loop()
+        item = Pending(texts, loop.create_future(), record)
+        self._pending.append(item)
+        if self._runner is None or self._runner.done():
+            self._runner = loop.create_task(self._run())
+        return await item.future
 
-    def _take(self) -> list[tuple[list[str], asyncio.Future]]:
-        """Pending batches, oldest first, up to max_batch_size texts (at least one batch, however big)."""
-        take, n = [], 0
-        while self._pending and (not take or n + len(self._pending[0][0]) <= self.max_batch_size):
-            item = self._pending.pop(0)
-            take.append(item)
-            n += len(item[0])
+    def _take(self) -> list[Pending]:
+        """Pending requests, oldest first, up to max_batch_size texts (at least one, however big), all
+        recorded or all not; requests whose clients hung up are dropped here."""
+        take: list[Pending] = []
+        n = 0
+        queue = self._pending
+        while queue and (not take or n + len(queue[0].texts) <= self.max_batch_size):
+            if take and queue[0].record != take[0].record:
+                break
+            item = queue.popleft()
+            if not item.future.done():
+                take.append(item)
+                n += len(item.texts)
         return take
 
-    async def _run_pending(self) -> None:
-        take = self._take()
-        texts = [t for batch, _ in take for t in batch]
+    async def _run(self) -> None:
+        """Model calls until nothing is pending; whatever happens, every future it took is resolved."""
+        while self._pending:
+            take = self._take()
+            if not take:
+                continue
+            try:
+                await self._serve(take)
+            except BaseException as err:  # the runner itself cancelled (shutdown): fail its requests
+                for item in take:
+                    settle(item.future, error=RuntimeError(f"model call interrupted: {err!r}"))
+                raise
+
+    async def _serve(self, take: list[Pending]) -> None:
+        """One call for every taken request; if it raises, one call per request, so only the one at fault fails."""
         model = self._model()  # one model for the whole call, even mid-swap
         try:
-            if self.in_flight <= 1:
-                # Alone: nothing to overlap with the model call, so skip the two thread hand-offs (each a
-                # wake-up that waits for a CPU on a busy host).
-                rows, call = self._call(model, texts)
-            else:
-                # Under load: one hop to the model thread per call (model, rows, metrics, ledger write), so
-                # the event loop keeps parsing the requests that will form the next call meanwhile.
-                rows, call = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, self._call, model, texts
-                )
+            rows, call = await self._invoke(model, [t for item in take for t in item.texts], take[0].record)
         except Exception as err:
-            for _, fut in take:
-                fut.set_exception(err)
+            if len(take) == 1:
+                settle(take[0].future, error=err)
+                return
+            for item in take:
+                await self._serve([item])
             return
         pos = 0
-        for batch, fut in take:
-            fut.set_result([(row, call) for row in rows[pos : pos + len(batch)]])
-            pos += len(batch)
+        for item in take:
+            settle(item.future, [(row, call) for row in rows[pos : pos + len(item.texts)]])
+            pos += len(item.texts)
+
+    async def _invoke(self, model: LoadedModel, texts: list[str], record: bool) -> tuple[list[dict], dict]:
+        if self.in_flight <= 1:
+            # Alone: nothing to overlap with the model call, so skip the two thread hand-offs (each a
+            # wake-up that waits for a CPU on a busy host).
+            return self._call(model, texts, record)
+        # Under load: one hop to the model thread per call (model, rows, metrics), so the event loop keeps
+        # parsing the requests that will form the next call meanwhile.
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, model, texts, record)

@@ -16,6 +16,8 @@ from intentops.config import API_KEY_ENV
 
 # Routes a load balancer or orchestrator probes without credentials.
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+# The metric tag values of `route`: a fixed set, so random paths cannot grow the metrics (anything else: other).
+ROUTES = frozenset({"/v1/predict", "/v1/feedback", "/v1/model", "/docs", "/openapi.json", *OPEN_PATHS})
 REQUEST_ID_HEADER = b"x-request-id"
 
 
@@ -47,6 +49,60 @@ def request_id(headers: Sequence[tuple[bytes, bytes]]) -> str:
     return str(uuid.uuid4())  # not through Serve's HTTP proxy
 
 
+def app_path(scope: dict) -> str:
+    """The request path inside the app: without the application's route prefix (ASGI root_path)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return (path[len(root) :] or "/") if root and path.startswith(root) else path
+
+
+class BodyLimit:
+    """The largest request body a replica reads (serving.max_body_bytes); set on every reconfigure."""
+
+    max_bytes: int = 1_000_000
+
+
+def too_large(limit: int, where: str) -> JSONResponse:
+    return JSONResponse(
+        {
+            "error": f"request body over {limit} bytes",
+            "where": where,
+            "fix": "send fewer or shorter texts per request (serving.max_body_bytes, max_texts)",
+        },
+        status_code=413,
+    )
+
+
+def content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
+    """The Content-Length header as a number (None when absent; -1 when it is not a number)."""
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else -1
+    return None
+
+
+async def read_capped(receive: Any, limit: int) -> list[dict] | None:
+    """The body messages of a request without Content-Length, read up to `limit` bytes; None past it."""
+    messages, size = [], 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        size += len(message.get("body", b""))
+        if size > limit:
+            return None
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return messages
+
+
+def replay(messages: list[dict], receive: Any) -> Any:
+    """An ASGI `receive` that returns the messages read already, then the real ones."""
+    queued = list(messages)
+
+    async def again() -> dict:
+        return queued.pop(0) if queued else await receive()
+
+    return again
+
+
 UNAUTHORIZED = {
     "error": "missing or wrong API key",
     "where": "X-API-Key or Authorization header",
@@ -65,11 +121,12 @@ class Guard:
         request_log: the replica's request log.
     """
 
-    def __init__(self, asgi_app: Any, request_log: ReplicaRequestLog):
+    def __init__(self, asgi_app: Any, request_log: ReplicaRequestLog, body_limit: BodyLimit):
         from ray.serve.metrics import Counter, Histogram
 
         self.app = asgi_app
         self.log = request_log
+        self.body_limit = body_limit
         self.key = os.environ.get(API_KEY_ENV) or None
         self.in_flight = 0  # requests inside this replica: the request log is flushed when none is left
         self.latency = Histogram(
@@ -88,7 +145,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
-        path = scope["path"]
+        path = app_path(scope)
         info: dict[str, Any] = {"status": 500, "request_id": request_id(scope["headers"])}
         scope["intentops"] = info
 
@@ -104,13 +161,26 @@ class Guard:
                     scope, receive, send_status
                 )
             else:
-                await self.app(scope, receive, send_status)
+                await self._within_limit(scope, receive, send_status)
         finally:
             self.in_flight -= 1
             self._observe(scope, path, info, (time.perf_counter() - start) * 1000)
 
+    async def _within_limit(self, scope: dict, receive: Any, send: Any) -> None:
+        """413 for a body over the limit, decided before it is parsed: on Content-Length, else while reading."""
+        limit = self.body_limit.max_bytes
+        length = content_length(scope["headers"])
+        if length is not None and length > limit:
+            return await too_large(limit, f"Content-Length: {length}")(scope, receive, send)
+        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            messages = await read_capped(receive, limit)
+            if messages is None:
+                return await too_large(limit, "request body (chunked)")(scope, receive, send)
+            receive = replay(messages, receive)
+        await self.app(scope, receive, send)
+
     def _observe(self, scope: dict, path: str, info: dict, ms: float) -> None:
-        route = path if path.startswith("/v1/") or path in OPEN_PATHS else "other"
+        route = path if path in ROUTES else "other"
         status = info["status"]
         self.latency.observe(ms, tags={"route": route})
         if status >= 400:

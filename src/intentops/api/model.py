@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,13 +69,34 @@ def serving_calibration(
     return {**calibration, "review": merged}, info
 
 
-def load_model(bundle_dir: Path, registry_version: str | None, settings: Mapping[str, Any]) -> LoadedModel:
-    """Load a bundle as the settings say (threads, variant, review thresholds) and warm it up."""
-    import torch
+def check_bundle(bundle_dir: Path, registry_version: str | None, allow_torch: bool) -> dict:
+    """The bundle's record, once its manifest verified (before anything in it is unpickled or run).
 
+    Serving takes ONNX bundles (`export`) only, unless `serving.allow_torch_bundles` lets a torch one in.
+    """
+    from intentops.errors import UserError
+    from intentops.inference.bundle import BUNDLE_META, verify_bundle
+
+    meta = verify_bundle(bundle_dir, registry_version)
+    if meta.get("format") != "onnx" and not allow_torch:
+        raise UserError(
+            f"serving takes ONNX bundles only; {bundle_dir} is a {meta.get('format')!r} bundle",
+            where=str(bundle_dir / BUNDLE_META),
+            fix="serve the exported bundle (models/bundle or a registry version), or set "
+            "serving.allow_torch_bundles: true for a trusted torch bundle",
+        )
+    return meta
+
+
+def load_model(bundle_dir: Path, registry_version: str | None, settings: Mapping[str, Any]) -> LoadedModel:
+    """Verify a bundle, load it as the settings say (threads, variant, review thresholds) and warm it up."""
+    check_bundle(bundle_dir, registry_version, settings["allow_torch_bundles"])
     threads = settings["num_threads"]
-    torch.set_num_threads(threads)
     predictor = Predictor.load(bundle_dir, threads=threads, variant=settings["variant"])
+    if predictor.meta.get("format") == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
     # The bundle's calibration decides out-of-scope; the config's review thresholds fill in what it lacks.
     predictor.calibration, thresholds = serving_calibration(predictor.calibration, settings["review"])
     # Lazy parts (sessions, arenas for a full batch) are set up now, not on a request.
@@ -90,12 +112,34 @@ def load_model(bundle_dir: Path, registry_version: str | None, settings: Mapping
     )
 
 
+@dataclass
+class ReloadFailure:
+    """A load that failed: retried with backoff (2, 4, 8 ... 60 s) and shown by /readyz and /v1/model."""
+
+    target: str
+    error: str
+    attempts: int
+    retry_at: float  # time.monotonic()
+    force: bool
+
+    def report(self) -> dict:
+        return {
+            "target": self.target,
+            "error": self.error,
+            "attempts": self.attempts,
+            "retry_in_s": round(max(0.0, self.retry_at - time.monotonic()), 1),
+        }
+
+
 # Settings that change what load_model builds from the same bundle folder.
-_RELOAD_KEYS = ("review", "variant", "num_threads")
+_RELOAD_KEYS = ("review", "variant", "num_threads", "allow_torch_bundles")
+RETRY_MAX_S = 60.0
 
 
 class ModelSlot:
     """The model being served: resolves the configured bundle, loads it off the event loop, swaps it in.
+
+    A load that fails leaves the current model serving and is retried with backoff (`failure`).
 
     Args:
         root: the project root the settings' paths start from.
@@ -106,14 +150,19 @@ class ModelSlot:
     def __init__(
         self, root: Path, settings: Callable[[], dict], run_io: Callable[..., Awaitable[Any]]
     ) -> None:
-        from ray.serve.metrics import Counter
+        from ray.serve.metrics import Counter, Gauge
 
         self.root, self._settings, self._run_io = root, settings, run_io
         self.current: LoadedModel | None = None
+        self.failure: ReloadFailure | None = None
         self._lock = asyncio.Lock()
         self._pointer_seen: str | None = None
         self._reloads = Counter(
             "intentops_model_reloads", description="Model loads by outcome.", tag_keys=("outcome",)
+        )
+        self._failing = Gauge(
+            "intentops_model_reload_failing",
+            description="1 while a model load keeps failing (retried), else 0.",
         )
 
     async def apply(self, settings: Mapping[str, Any], old: Mapping[str, Any]) -> None:
@@ -131,22 +180,27 @@ class ModelSlot:
     async def reload(self, force: bool = False) -> bool:
         """Load the configured bundle if it changed (or `force`), fully, then swap the reference; True if swapped.
 
-        A bundle that fails to load leaves the current model serving (and raises at start-up, when there is none).
+        A bundle that fails to load (or to verify) leaves the current model serving and is retried with
+        backoff; at start-up, when there is no model yet, it raises.
         """
         async with self._lock:
             s = self._settings()
+            target = s["bundle"]
             try:
-                target, registry_version = resolve_bundle(s["bundle"], s["registry_dir"], self.root)
-                if not force and self.current is not None and self.current.bundle_dir == target:
+                bundle_dir, registry_version = resolve_bundle(s["bundle"], s["registry_dir"], self.root)
+                target = str(bundle_dir)
+                if not force and self.current is not None and self.current.bundle_dir == bundle_dir:
+                    self._failed(None, target, force)
                     return False
-                model = await self._run_io(load_model, target, registry_version, s)
+                model = await self._run_io(load_model, bundle_dir, registry_version, s)
             except Exception as err:
                 self._reloads.inc(tags={"outcome": "error"})
                 if self.current is None:
                     raise
-                log.error("model reload failed, still serving %s: %s", self.current.version, err)
+                self._failed(err, target, force)
                 return False
             previous, self.current = self.current, model  # the swap: new requests see the new model from here
+            self._failed(None, target, force)
             self._reloads.inc(tags={"outcome": "ok"})
             log.info(
                 "serving model %s from %s (was %s)",
@@ -157,11 +211,34 @@ class ModelSlot:
             )
             return True
 
+    def _failed(self, err: Exception | None, target: str, force: bool) -> None:
+        """Record a failed load (next retry after 2, 4, 8 ... 60 s), or clear the record after a good one."""
+        if err is None:
+            self.failure = None
+            self._failing.set(0)
+            return
+        attempts = (self.failure.attempts if self.failure else 0) + 1
+        delay = min(2.0**attempts, RETRY_MAX_S)
+        what = err.render() if hasattr(err, "render") else f"{type(err).__name__}: {err}"
+        self.failure = ReloadFailure(target, what, attempts, time.monotonic() + delay, force)
+        self._failing.set(1)
+        log.error(
+            "model load failed (attempt %d, retry in %.0f s), still serving %s: %s",
+            attempts,
+            delay,
+            self.current.version if self.current else None,
+            what,
+        )
+
     async def watch(self) -> None:
-        """Poll the production pointer; when the version it names changes, load that version and swap it in."""
+        """Retry a failed load when due; poll the production pointer and load the version it names when it moves."""
         while True:
             interval = self._settings()["watch_interval_s"]
             await asyncio.sleep(interval or 1.0)
+            failure = self.failure
+            if failure is not None and time.monotonic() >= failure.retry_at:
+                await self.reload(force=failure.force)
+                continue
             registry = watched_registry(self._settings(), self.root)
             if not interval or registry is None:
                 continue

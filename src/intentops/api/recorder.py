@@ -12,6 +12,7 @@ from typing import Any
 
 from intentops.api.model import LoadedModel
 from intentops.api.schemas import shape_predictions
+from intentops.api.writer import LedgerWriter, is_transient
 from intentops.errors import UserError
 from intentops.feedback import ledger
 
@@ -96,13 +97,13 @@ class ProfileSink:
 
 
 class Recorder:
-    """Runs one model call and records it: metrics, profile features, and the ledger write, in the model thread."""
+    """Runs one model call and records it: metrics, profile features, and its rows for the store's writer."""
 
     def __init__(self) -> None:
         from ray.serve.metrics import Counter as MetricCounter
         from ray.serve.metrics import Histogram
 
-        self.engine: Any = None  # the feedback store, None when predictions are not recorded
+        self.writer = LedgerWriter()  # the feedback store's writer; its engine is None when not recording
         self.profiles = ProfileSink()
         self.m_predictions = MetricCounter(
             "intentops_predictions",
@@ -126,31 +127,53 @@ class Recorder:
             boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
         )
 
-    def open_store(self, store_settings: Mapping[str, Any], params: Any, root: Path) -> Any:
-        """The engine for `serving.store` (None when predictions are not recorded); the old one is disposed."""
+    @property
+    def engine(self) -> Any:
+        """The feedback store's engine, None when predictions are not recorded."""
+        return self.writer.engine
+
+    def open_store(self, store_settings: Mapping[str, Any], params: Any, root: Path) -> None:
+        """Write what is buffered, then record to `serving.store` (nothing when record_predictions is off).
+
+        A store that cannot be reached now is not fatal: the replica starts degraded and the writer retries.
+        A store without the schema (`intentops db upgrade` not run) is, with the fix.
+        """
         from intentops.feedback import store
 
-        if self.engine is not None:
-            self.engine.dispose()
-        if not store_settings["record_predictions"]:
-            return None
-        engine = store.engine_from_params(params, root / store_settings["db"])
-        store.check_schema(engine)  # fail at start, with the fix, unless `intentops db upgrade` ran
-        return engine
+        w, s = self.writer, store_settings
+        w.flush(deadline_s=s["timeout_s"] * 2)
+        if w.engine is not None:
+            w.engine.dispose()
+        w.engine = None
+        w.max_rows, w.flush_s, w.retry_max_s = s["buffer_max_rows"], s["flush_s"], s["retry_max_s"]
+        if not s["record_predictions"]:
+            return
+        engine = store.engine_from_params(params, root / s["db"], timeout_s=s["timeout_s"])
+        try:
+            store.check_schema(engine)  # fail at start, with the fix, unless `intentops db upgrade` ran
+        except UserError as err:
+            if not is_transient(err.__cause__ or err):
+                raise
+            log.error("prediction store unavailable at start, buffering: %s", err.what)
+            w.state.ok, w.state.error = False, err.what
+        w.engine = engine
 
-    def call(self, model: LoadedModel, texts: list[str], top_k: int) -> tuple[list[dict], dict]:
-        """One model call (in the model thread): rows with ids, metrics, profile features, then the ledger write.
+    def call(
+        self, model: LoadedModel, texts: list[str], top_k: int, record: bool = True
+    ) -> tuple[list[dict], dict]:
+        """One model call (in the model thread): rows with ids, then metrics, profile features, store rows.
 
-        The write finishes before any of these requests is answered, so a returned prediction id is always
-        known to /v1/feedback.
+        `record=False` (the health canary) predicts only. The rows reach the store through the writer's
+        buffer, off the request path: /v1/feedback writes the buffer first when it meets a buffered id.
         """
         t0 = time.perf_counter()
         rows = shape_predictions(model.predictor.predict(texts, top_k=top_k), model.version)
         t1 = time.perf_counter()
-        self._observe(model.version, rows)
-        self.profiles.add(texts, rows)
-        if self.engine is not None:
-            ledger.record(self.engine, texts, rows)
+        if record:
+            self._observe(model.version, rows)
+            self.profiles.add(texts, rows)
+            if self.writer.engine is not None:
+                self.writer.add(texts, rows)
         t2 = time.perf_counter()
         return rows, {
             "batch_size": len(rows),

@@ -6,20 +6,36 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from intentops.data.text import text_problem
 from intentops.errors import UserError
 
 
 class RequestError(UserError):
-    """A bad request: `status` is the HTTP code, the body is {"error", "where", "fix"}."""
+    """A bad request: `status` is the HTTP code, the body is {"error", "where", "fix"}.
 
-    def __init__(self, status: int, what: str, where: str | None = None, fix: str | None = None):
-        self.status = status
+    Args:
+        problems: one {"index", "error"} per bad item of a request's texts; the body lists them under
+            "problems" (only when given), so a client learns every bad item from one response.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        what: str,
+        where: str | None = None,
+        fix: str | None = None,
+        problems: list[dict[str, Any]] | None = None,
+    ):
+        self.status, self.problems = status, problems
         super().__init__(what, where, fix)
 
     def body(self) -> dict[str, Any]:
-        return {"error": self.what, "where": self.where, "fix": self.fix}
+        body = {"error": self.what, "where": self.where, "fix": self.fix}
+        if self.problems is not None:
+            body["problems"] = self.problems
+        return body
 
 
 class PredictRequest(BaseModel):
@@ -66,6 +82,17 @@ class FeedbackRequest(BaseModel):
     annotator: str = Field(default="api", min_length=1, max_length=128)
     feedback_id: str | None = Field(default=None, min_length=1, max_length=128)
 
+    # mode="before": pydantic's own length check cannot read a lone surrogate and would answer "unable to
+    # parse raw data as a unicode string"; checked first, the 422 names the field and the character.
+    @field_validator("prediction_id", "label", "annotator", "feedback_id", mode="before")
+    @classmethod
+    def _follows_text_rules(cls, value: Any, info: ValidationInfo) -> Any:
+        """The text rules of intentops.data.text (a non-string is left to the type check)."""
+        problem = text_problem(value) if isinstance(value, str) else None
+        if problem is not None:
+            raise ValueError(f"`{info.field_name}` holds a {problem}")
+        return value
+
 
 class FeedbackResponse(BaseModel):
     prediction_id: str
@@ -74,7 +101,11 @@ class FeedbackResponse(BaseModel):
 
 
 def request_texts(req: PredictRequest, max_texts: int, max_chars: int) -> list[str]:
-    """The texts of a predict request, or a RequestError (422 shape, 413 size)."""
+    """The texts of a predict request, or a RequestError (422 shape or content, 413 size).
+
+    A 413 (too many texts, a text too long) wins over content problems; content problems (an empty text, one
+    that breaks the text rules of intentops.data.text) of every item are answered in one 422 that lists them.
+    """
     if (req.text is None) == (req.texts is None):
         raise RequestError(
             422,
@@ -92,18 +123,43 @@ def request_texts(req: PredictRequest, max_texts: int, max_chars: int) -> list[s
             where="request body: texts",
             fix=f"split the list into requests of at most {max_texts}",
         )
+    problems: list[dict[str, Any]] = []  # filled only when a text is bad
     for i, text in enumerate(texts):
-        where = "request body: text" if req.text is not None else f"request body: texts[{i}]"
-        if not text.strip():
-            raise RequestError(422, "empty text", where=where, fix="send the customer's message")
         if len(text) > max_chars:
             raise RequestError(
                 413,
                 f"text of {len(text)} characters; the limit is {max_chars}",
-                where=where,
+                where=f"request body: {_item_where(req, i)}",
                 fix=f"send at most {max_chars} characters (the first part of the message)",
             )
+        problem = "empty text" if not text or text.isspace() else text_problem(text)
+        if problem is not None:
+            problems.append({"index": i, "error": problem})
+    if problems:
+        raise content_error(req, problems, len(texts))
     return texts
+
+
+def _item_where(req: PredictRequest, index: int) -> str:
+    return "text" if req.text is not None else f"texts[{index}]"
+
+
+def content_error(req: PredictRequest, problems: list[dict[str, Any]], n_texts: int) -> RequestError:
+    """The one 422 for every bad item of a request: the count, the first problem, each item in `problems`."""
+    first = problems[0]
+    what = first["error"]  # `text`: the one problem; `texts`: how many items are bad, and the first
+    if req.text is None:
+        then = "; the first, " if len(problems) > 1 else ": "
+        what = f"{len(problems)} of {n_texts} texts refused{then}texts[{first['index']}]: {what}"
+    if all(p["error"] == "empty text" for p in problems):
+        fix = "send the customer's message"
+    else:
+        fix = (
+            "send the customer's message without control characters (tab, CR and LF are fine), lone surrogates "
+            "or noncharacters; `problems` lists every bad item"
+        )
+    where = "request body: " + ", ".join(_item_where(req, p["index"]) for p in problems)
+    return RequestError(422, what, where=where, fix=fix, problems=problems)
 
 
 def shape_predictions(raw: Sequence[Mapping[str, Any]], version: str) -> list[dict[str, Any]]:

@@ -18,9 +18,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from starlette.exceptions import HTTPException
 
 from intentops.api.batching import Batcher
-from intentops.api.middleware import Guard, request_id
+from intentops.api.health import CANARY_TEXT, Canary, Unavailable, readiness
+from intentops.api.middleware import BodyLimit, Guard, request_id
 from intentops.api.model import LoadedModel, ModelSlot
 from intentops.api.recorder import Recorder
 from intentops.api.requestlog import ReplicaRequestLog
@@ -34,16 +36,39 @@ from intentops.api.schemas import (
     validation_error_body,
 )
 from intentops.api.settings import load_settings, project_root
+from intentops.api.writer import error_text
 
 api = FastAPI(title="intentops", summary="Banking77 intent classification", docs_url=None, openapi_url=None)
 # This replica's request log: opened on the first request that logs (the replica's context exists from then).
 request_log = ReplicaRequestLog()
-api.add_middleware(Guard, request_log=request_log)
+# The body-size limit the middleware checks before a body is parsed (serving.max_body_bytes).
+body_limit = BodyLimit()
+api.add_middleware(Guard, request_log=request_log, body_limit=body_limit)
 
 
 @api.exception_handler(RequestError)
 async def _request_error(_: Request, err: RequestError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    retry = getattr(err, "retry_after_s", None)
+    headers = {"Retry-After": str(retry)} if retry is not None else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
+    """404, 405 and the like, in the API's error shape."""
+    body = {"error": str(err.detail), "where": f"{request.method} {request.url.path}", "fix": "see /docs"}
+    return JSONResponse(body, status_code=err.status_code, headers=err.headers)
+
+
+@api.exception_handler(Exception)
+async def _server_error(request: Request, err: Exception) -> JSONResponse:
+    """A failure of this request only (the batcher retried its texts alone); details in the replica log."""
+    body = {
+        "error": f"internal error ({type(err).__name__})",
+        "where": f"{request.method} {request.url.path}",
+        "fix": "retry; if it persists, report the X-Request-ID of this response",
+    }
+    return JSONResponse(body, status_code=500)
 
 
 @api.exception_handler(RequestValidationError)
@@ -51,7 +76,7 @@ async def _validation_error(_: Request, err: RequestValidationError) -> JSONResp
     return JSONResponse(validation_error_body(err.errors()), status_code=422)
 
 
-@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+@serve.deployment(max_ongoing_requests=32, max_queued_requests=32, ray_actor_options={"num_cpus": 1})
 @serve.ingress(api)
 class IntentService:
     """Loads the bundle named by its settings, serves it, and swaps in a new production version when the pointer moves."""
@@ -62,10 +87,12 @@ class IntentService:
         sys.setswitchinterval(0.001)
         self.root = project_root()
         self.settings: dict[str, Any] = {}
-        self._io_pool = ThreadPoolExecutor(2, thread_name_prefix="io")  # db writes, loads, profiles
+        self._io_pool = ThreadPoolExecutor(2, thread_name_prefix="io")  # loads, profiles, feedback reads
+        self._store_pool = ThreadPoolExecutor(1, thread_name_prefix="store")  # the buffered ledger writes
         self.slot = ModelSlot(self.root, lambda: self.settings, self._run_io)
         self.recorder = Recorder()
         self.batcher = Batcher(lambda: self.slot.current, self._model_call)
+        self.canary = Canary()
         self._tasks: list[asyncio.Task] = []
 
     async def reconfigure(self, user_config: dict | None) -> None:
@@ -74,11 +101,10 @@ class IntentService:
         self.batcher.configure(
             settings["batching"]["max_batch_size"], settings["batching"]["batch_wait_timeout_s"]
         )
+        body_limit.max_bytes = settings["max_body_bytes"]
         old, self.settings = self.settings, settings
         if settings["store"] != old.get("store"):
-            self.recorder.engine = await self._run_io(
-                self.recorder.open_store, settings["store"], params, self.root
-            )
+            await self._run_store(self.recorder.open_store, settings["store"], params, self.root)
         if settings["monitoring"] != old.get("monitoring"):
             await self._run_io(self.recorder.profiles.open, settings["monitoring"], self.root)
         await self.slot.apply(settings, old)
@@ -88,8 +114,8 @@ class IntentService:
         """Load the configured bundle if it changed (or `force`) and swap it in; True if swapped."""
         return await self.slot.reload(force)
 
-    def _model_call(self, model: LoadedModel, texts: list[str]) -> tuple[list[dict], dict]:
-        return self.recorder.call(model, texts, self.settings["top_k"])
+    def _model_call(self, model: LoadedModel, texts: list[str], record: bool) -> tuple[list[dict], dict]:
+        return self.recorder.call(model, texts, self.settings["top_k"], record)
 
     def _start_tasks(self) -> None:
         if not self._tasks:
@@ -100,6 +126,10 @@ class IntentService:
                     self.recorder.profiles.run(lambda: self.settings["monitoring"]["flush_s"], self._run_io)
                 ),
                 loop.create_task(self._flush_request_log()),
+                loop.create_task(self.recorder.writer.run(self._run_store)),
+                loop.create_task(
+                    self.canary.run(lambda: self.batcher.probe(CANARY_TEXT), lambda: self.settings)
+                ),
             ]
 
     async def _flush_request_log(self) -> None:
@@ -110,6 +140,16 @@ class IntentService:
 
     async def _run_io(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._io_pool, fn, *args)
+
+    async def _run_store(self, fn: Any, *args: Any) -> Any:
+        """The store's own thread: a locked or slow database holds up nothing but the buffered writes."""
+        return await asyncio.get_running_loop().run_in_executor(self._store_pool, fn, *args)
+
+    def check_health(self) -> None:
+        """Serve's health check: fails when the replica cannot serve a prediction, so Serve restarts it."""
+        status, body = readiness(self.slot, self.recorder.writer, self.canary, self.settings)
+        if status != 200:
+            raise RuntimeError(f"replica cannot serve predictions: {body['reasons']}")
 
     # --- routes ----------------------------------------------------------------------------------------------
     @api.post("/v1/predict", response_model=PredictResponse, responses={413: {}, 422: {}})
@@ -129,12 +169,18 @@ class IntentService:
         body = orjson.dumps({"request_id": rid, "model_version": version, "predictions": rows})
         return Response(body, media_type="application/json")  # encoded once, not validated again
 
-    @api.post("/v1/feedback", response_model=FeedbackResponse, status_code=201, responses={404: {}, 422: {}})
+    @api.post(
+        "/v1/feedback",
+        response_model=FeedbackResponse,
+        status_code=201,
+        responses={404: {}, 422: {}, 503: {}},
+    )
     async def feedback(self, body: FeedbackRequest) -> JSONResponse:
-        """Store a corrected label for a prediction id this API returned (idempotent with `feedback_id`)."""
-        from intentops.feedback import ledger, store
+        """Store a corrected label for a prediction id this API returned (idempotent with `feedback_id`).
 
-        recorder = self.recorder
+        An id still in the write buffer (the store was slow or down) is written first; while the store
+        cannot take it the answer is 503 with Retry-After, and the id is kept.
+        """
         if body.label not in self.slot.current.labels:
             raise RequestError(
                 422,
@@ -142,28 +188,38 @@ class IntentService:
                 where="request body: label",
                 fix="use one of the intents listed by GET /v1/model",
             )
-        if recorder.engine is None:
+        writer = self.recorder.writer
+        if writer.engine is None:
             raise RequestError(
                 503,
                 "feedback is off: this deployment does not record predictions",
                 where="serving.store.record_predictions",
                 fix="turn it on in serving/config.yaml",
             )
-        if not await self._run_io(ledger.known, recorder.engine, body.prediction_id):
+        if writer.is_buffered(body.prediction_id) and not await writer.write_now(self._run_store):
+            raise store_unavailable(writer.state.error, "the prediction is buffered, not stored yet")
+        try:
+            stored = await self._run_store(self._add_feedback, writer.engine, body)
+        except RequestError:
+            raise
+        except Exception as err:
+            raise store_unavailable(error_text(err), "the feedback store did not answer") from err
+        return JSONResponse(
+            {"prediction_id": body.prediction_id, "label": body.label, "stored": stored}, status_code=201
+        )
+
+    @staticmethod
+    def _add_feedback(engine: Any, body: FeedbackRequest) -> bool:
+        from intentops.feedback import ledger, store
+
+        if not ledger.known(engine, body.prediction_id):
             raise RequestError(
                 404,
                 f"unknown prediction id {body.prediction_id!r}",
                 where="request body: prediction_id",
                 fix="send a prediction_id returned by POST /v1/predict",
             )
-        stored = await self._run_io(
-            lambda: store.add_feedback(
-                recorder.engine, body.prediction_id, body.label, body.annotator, body.feedback_id
-            )
-        )
-        return JSONResponse(
-            {"prediction_id": body.prediction_id, "label": body.label, "stored": stored}, status_code=201
-        )
+        return store.add_feedback(engine, body.prediction_id, body.label, body.annotator, body.feedback_id)
 
     @api.get("/v1/model")
     async def model_info(self) -> dict:
@@ -175,6 +231,7 @@ class IntentService:
             "labels": sorted(m.labels),
             "thresholds": m.thresholds,
             "card": m.card,
+            "reload": self.slot.failure.report() if self.slot.failure else None,
         }
 
     @api.get("/healthz")
@@ -184,11 +241,10 @@ class IntentService:
 
     @api.get("/readyz")
     async def readyz(self) -> JSONResponse:
-        """Readiness: a model is loaded."""
-        model = self.slot.current
-        if model is None:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ready", "model_version": model.version})
+        """Readiness: 200 ready, or degraded (predictions served, reasons listed: store down, a load failing);
+        503 loading or unhealthy (no model, or the predict canary stuck or failing)."""
+        status, body = readiness(self.slot, self.recorder.writer, self.canary, self.settings)
+        return JSONResponse(body, status_code=status, headers={"Retry-After": "5"} if status == 503 else None)
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi(self) -> dict:
@@ -199,5 +255,16 @@ class IntentService:
         return get_swagger_ui_html(openapi_url="/openapi.json", title="intentops API")
 
     def __del__(self) -> None:
+        """Serve's graceful shutdown (and a redeploy): write the buffered predictions, logs and profiles."""
         request_log.flush()
+        self.recorder.writer.flush(deadline_s=self.settings.get("store", {}).get("timeout_s", 2.0) * 4)
         self.recorder.profiles.close()
+
+
+def store_unavailable(error: str | None, what: str) -> Unavailable:
+    return Unavailable(
+        f"{what}: {error or 'store unavailable'}",
+        where="the prediction store (serving.store.db or $INTENTOPS_DB_URL)",
+        fix="retry after the Retry-After seconds; /readyz says when the store is back",
+        retry_after_s=5,
+    )

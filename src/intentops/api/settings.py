@@ -60,6 +60,8 @@ def check_settings(s: Mapping[str, Any]) -> None:
         "max_text_chars": s["max_text_chars"],
         "batching.max_batch_size": s["batching"]["max_batch_size"],
         "num_threads": s["num_threads"],
+        "max_body_bytes": s["max_body_bytes"],
+        "store.buffer_max_rows": s["store"]["buffer_max_rows"],
     }
     for key, value in positive.items():
         if not isinstance(value, int) or value < 1:
@@ -72,17 +74,35 @@ def check_settings(s: Mapping[str, Any]) -> None:
             where=_WHERE,
             fix="fp32 (the exported graph) or int8 (its dynamic int8 copy, export.quantize=true)",
         )
-    for key in (
-        "batching.batch_wait_timeout_s",
-        "watch_interval_s",
-        "review.min_confidence",
-        "review.min_margin",
-    ):
+    if not isinstance(s["allow_torch_bundles"], bool):
+        raise UserError(
+            f"serving.allow_torch_bundles must be true or false, got {s['allow_torch_bundles']!r}",
+            where=_WHERE,
+            fix="false (ONNX bundles only) or true",
+        )
+    check_numbers(
+        s,
+        ("batching.batch_wait_timeout_s", "watch_interval_s", "review.min_confidence", "review.min_margin"),
+        0,
+    )
+    timeouts = (
+        "store.timeout_s",
+        "store.flush_s",
+        "store.retry_max_s",
+        "health.canary_interval_s",
+        "health.canary_timeout_s",
+    )
+    check_numbers(s, timeouts, 0.001)
+
+
+def check_numbers(s: Mapping[str, Any], keys: tuple[str, ...], low: float) -> None:
+    """Refuse any of `keys` (group.name) that is not a number >= `low`."""
+    for key in keys:
         group, _, name = key.rpartition(".")
         value = s[group][name] if group else s[name]
-        if not isinstance(value, int | float) or value < 0:
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < low:
             raise UserError(
-                f"serving.{key} must be a number >= 0, got {value!r}", where=_WHERE, fix="fix the value"
+                f"serving.{key} must be a number >= {low:g}, got {value!r}", where=_WHERE, fix="fix the value"
             )
 
 

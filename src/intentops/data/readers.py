@@ -7,13 +7,19 @@ import io
 import json
 import re
 import unicodedata
+from typing import Any
 
 import pandas as pd
 
 from intentops.data import CANONICAL_COLUMNS
+from intentops.data.text import text_problem
 from intentops.errors import UserError
 
 _WS = re.compile(r"\s+")
+TEXT_FIX = (
+    "remove the character, or re-export the file as UTF-8 text: control characters other than tab, CR and LF, "
+    "lone surrogates and noncharacters are refused (docs/labeling-guidelines.md, What a text may contain)"
+)
 
 
 def normalise_text(text: str) -> str:
@@ -27,7 +33,7 @@ def match_key(text: str) -> str:
 
 
 def decode_utf8(data: bytes, where: str) -> str:
-    """Decode strictly; on failure name the line and byte offset."""
+    """Decode strictly, dropping one leading BOM (utf-8-sig); on failure name the line and byte offset."""
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -69,19 +75,38 @@ def read_csv_rows(
             where=f"{where}:1",
             fix="rename the columns, or set data.text_column / data.label_column (and data.delimiter) to match",
         )
-    ti, li = header.index(text_column), header.index(label_column)
+    records = csv_records(
+        reader, len(header), header.index(text_column), header.index(label_column), where, split
+    )
+    if not records:
+        raise UserError(
+            "the CSV has a header but no rows", where=where, fix="check you exported the data rows"
+        )
+    return pd.DataFrame.from_records(records, columns=CANONICAL_COLUMNS)
+
+
+def csv_records(
+    reader: Any, n_fields: int, ti: int, li: int, where: str, split: str
+) -> list[tuple[str, str, str, str]]:
+    """The canonical records of a CSV's data rows (after the header): text, label, split, `file:line`.
+
+    Raises:
+        UserError: naming `where:line` for a row with the wrong number of fields, broken quoting, or a text
+            or label cell that breaks the text rules (intentops.data.text.text_problem).
+    """
     records = []
     file = where.rsplit("/", 1)[-1]
     try:
         for row in reader:
             if not row:  # a blank line between records
                 continue
-            if len(row) != len(header):
+            if len(row) != n_fields:
                 raise UserError(
-                    f"row has {len(row)} fields, the header has {len(header)} (broken quoting or a stray delimiter?)",
+                    f"row has {len(row)} fields, the header has {n_fields} (broken quoting or a stray delimiter?)",
                     where=f"{where}:{reader.line_num}",
                     fix='quote fields that contain the delimiter, and double any quote inside a field ("")',
                 )
+            check_cells(row[ti], row[li], f"{where}:{reader.line_num}")
             records.append((normalise_text(row[ti]), row[li].strip(), split, f"{file}:{reader.line_num}"))
     except csv.Error as err:
         raise UserError(
@@ -89,11 +114,19 @@ def read_csv_rows(
             where=f"{where}:{reader.line_num}",
             fix='close every quoted field and double any quote inside a field ("")',
         ) from err
-    if not records:
-        raise UserError(
-            "the CSV has a header but no rows", where=where, fix="check you exported the data rows"
-        )
-    return pd.DataFrame.from_records(records, columns=CANONICAL_COLUMNS)
+    return records
+
+
+def check_cells(text: str, label: str, where: str) -> None:
+    """Apply the text rules to a row's text and label, before normalising (which would hide some characters).
+
+    Raises:
+        UserError: naming the cell, the character and its position.
+    """
+    for column, value in (("text", text), ("label", label)):
+        problem = text_problem(value)
+        if problem is not None:
+            raise UserError(f"the {column} holds a {problem}", where=where, fix=TEXT_FIX)
 
 
 FEEDBACK_SPLIT = "feedback"
@@ -169,6 +202,7 @@ def read_clinc_json(data: bytes, where: str, oos_label: str = "oos") -> pd.DataF
                     where=f"{where}: {split}[{i}]",
                     fix="re-download the file",
                 )
+            check_cells(pair[0], pair[1], f"{where}: {split}[{i}]")
             records.append((normalise_text(pair[0]), pair[1].strip(), split, f"{file}:{split}:{i}"))
     return pd.DataFrame.from_records(records, columns=CANONICAL_COLUMNS)
 
@@ -187,6 +221,10 @@ def read_taxonomy(data: bytes, where: str) -> list[str]:
             fix='write a JSON list (["card_arrival", ...]) or one label per line',
         )
     labels = [x.strip() for x in labels]
+    for i, label in enumerate(labels):
+        problem = text_problem(label)
+        if problem is not None:
+            raise UserError(f"taxonomy label {i + 1} holds a {problem}", where=where, fix=TEXT_FIX)
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
         raise UserError(f"the taxonomy lists labels twice: {dupes}", where=where, fix="remove the repeats")

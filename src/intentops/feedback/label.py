@@ -6,6 +6,10 @@ reason for the rest (and for every `unclear` item), Cohen's kappa per annotator 
 An answer is one line: a taxonomy label, the number of one of the model's suggestions,
 `out_of_scope`, `unclear`, `new:<snake_case_name>` (a proposed intent), or empty/`skip`; `quit`
 stops. Anything after ` #` is a note (an adjudication requires one: the reason).
+
+Everything from the store reaches the terminal through `_shown` (intentops.data.text.display_text): a
+control character, a bidi override or a lone surrogate in a customer's message is shown as an escape,
+never sent raw to the annotator's terminal.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any, TextIO
 import pandas as pd
 
 from intentops.data.taxonomy import Taxonomy
+from intentops.data.text import display_text, text_problem
 from intentops.errors import UserError
 from intentops.feedback import store
 
@@ -58,8 +63,12 @@ def parse_answer(answer: str, taxonomy: Taxonomy, suggestions: list[str]) -> tup
     """Turn one answer line into (label, note); label None means skip.
 
     Raises:
-        ValueError: the answer is not a label the guidelines allow (the message says which are).
+        ValueError: the answer is not a label the guidelines allow (the message says which are), or it
+            breaks the text rules (intentops.data.text.text_problem), e.g. a stray escape sequence.
     """
+    problem = text_problem(answer)
+    if problem is not None:
+        raise ValueError(f"the answer holds a {problem}; type it again without it")
     text, _, note = answer.partition("#")
     text, note = text.strip(), note.strip() or None
     if text.lower() in _SKIP:
@@ -152,18 +161,24 @@ def load_state(
     return items, dict(votes), dict(notes), adjudicated
 
 
+def _shown(value: Any) -> str:
+    """A value from the store as the terminal shows it: non-printable characters escaped, on one line."""
+    return display_text(str(value))
+
+
 def _show(
     item: Mapping[str, Any], index: int, total: int, show_top_k: int, write: Callable[[str], None]
 ) -> list[str]:
     """Print one queue item; returns the suggestions in the order they are numbered."""
     top_k = list(item["top_k"])[:show_top_k]
     write(
-        f"\n[{index}/{total}] {item['prediction_id']}  (model {item['model_version']}, flagged: {item['reason']})"
+        f"\n[{index}/{total}] {_shown(item['prediction_id'])}  "
+        f"(model {_shown(item['model_version'])}, flagged: {_shown(item['reason'])})"
     )
-    write(f"  text: {item['text']}")
-    write(f"  model suggests: {item['suggested_intent']} ({item['confidence']:.2f})")
+    write(f"  text: {_shown(item['text'])}")
+    write(f"  model suggests: {_shown(item['suggested_intent'])} ({item['confidence']:.2f})")
     for k, s in enumerate(top_k, 1):
-        write(f"    {k}. {s['intent']} {float(s['score']):.2f}")
+        write(f"    {k}. {_shown(s['intent'])} {float(s['score']):.2f}")
     return [s["intent"] for s in top_k]
 
 
@@ -193,14 +208,14 @@ def label_session(
     todo = todo[:limit] if limit is not None else todo
     counts = {"shown": 0, "labelled": 0, "skipped": 0}
     if not todo:
-        write(f"nothing to {'adjudicate' if adjudicate else 'label'} for {annotator}")
+        write(f"nothing to {'adjudicate' if adjudicate else 'label'} for {_shown(annotator)}")
     for i, item in enumerate(todo, 1):
         pid = item["prediction_id"]
         suggestions = _show(item, i, len(todo), show_top_k, write)
         if adjudicate:
             for who, label in sorted(votes.get(pid, {}).items()):
                 note = notes.get(pid, {}).get(who)
-                write(f"  {who}: {label}" + (f"  # {note}" if note else ""))
+                write(f"  {_shown(who)}: {_shown(label)}" + (f"  # {_shown(note)}" if note else ""))
         counts["shown"] += 1
         answer = ask(taxonomy, suggestions, adjudicate, read_line, write)
         if answer is None:
@@ -274,7 +289,8 @@ def export_table(
     A proposed intent keeps its `new:<name>` label in the export: `ingest` extends the taxonomy with it
     (status `exported`, and also counted in `proposals`). Items whose final label cannot train
     (out_of_scope without an out-of-scope class) are counted as `not_trainable`, a resolved item whose
-    text an earlier item already has as `repeats`; neither is exported.
+    text an earlier item already has as `repeats`, and one whose text or label breaks the text rules
+    (intentops.data.text.text_problem; ingest would refuse the file) as `bad_text`; none of these is exported.
     """
     from intentops.data.readers import match_key
 
@@ -286,6 +302,9 @@ def export_table(
         label, method = resolve(item_votes.values(), min_annotators, adj["label"] if adj else None)
         if label is None:
             status[method] += 1
+            continue
+        if text_problem(item["text"]) is not None or text_problem(label) is not None:
+            status["bad_text"] += 1  # stored before the API refused such texts; ingest would refuse the file
             continue
         key = match_key(item["text"])
         if key in seen:  # the same message queued twice (sent twice): one training row is enough
@@ -336,8 +355,10 @@ def _stdin_reader(stdin: TextIO, stdout: TextIO) -> Callable[[str], str | None]:
     def read_piped(prompt: str) -> str | None:
         stdout.write(prompt)
         line = stdin.readline()
-        stdout.write(line if line.endswith("\n") or not line else line + "\n")
-        return line.rstrip("\n") if line else None
+        if not line:
+            return None
+        stdout.write(display_text(line.rstrip("\n")) + "\n")  # the echo, escaped like everything shown
+        return line.rstrip("\n")
 
     return read_piped
 
@@ -346,7 +367,8 @@ def _kappa_lines(stats: Mapping[str, Any]) -> list[str]:
     lines = []
     for p in stats["pairs"]:
         kappa = "undefined" if p["kappa"] is None else f"{p['kappa']:.3f}"
-        lines.append(f"kappa {p['annotators'][0]} vs {p['annotators'][1]}: {kappa} over {p['items']} item(s)")
+        a, b = (_shown(name) for name in p["annotators"])
+        lines.append(f"kappa {a} vs {b}: {kappa} over {p['items']} item(s)")
     if stats["mean_kappa"] is not None:
         lines.append(
             f"mean pairwise kappa: {stats['mean_kappa']:.3f} (guidelines: review the batch below 0.6)"
@@ -369,6 +391,10 @@ def main_label(
         raise UserError(
             "an annotator name is required", where="--annotator", fix="pass --annotator YOUR_NAME"
         )
+    if (problem := text_problem(annotator)) is not None:
+        raise UserError(
+            f"the annotator name holds a {problem}", where="--annotator", fix="type your name again"
+        )
     engine = store.engine_from_params(params)
     try:
         store.check_schema(engine)
@@ -390,7 +416,8 @@ def main_label(
         )
         _, votes, _, _ = load_state(engine)
         write(
-            f"{annotator}: {counts['labelled']} labelled, {counts['skipped']} skipped of {counts['shown']} shown"
+            f"{_shown(annotator)}: {counts['labelled']} labelled, {counts['skipped']} skipped "
+            f"of {counts['shown']} shown"
         )
         for line in _kappa_lines(agreement(votes)):
             write(line)

@@ -16,14 +16,18 @@ from intentops.feedback import store
 
 
 def record(engine: Engine, texts: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
-    """Store a model call's API rows (shape of api.schemas.shape_predictions) and queue the texts of flagged ones.
+    """Store one model call's API rows (shape of api.schemas.shape_predictions); see `record_calls`."""
+    record_calls(engine, [(texts, rows)])
 
-    One transaction for the ids and the review queue: the out-of-scope rows (out_of_distribution,
-    low_confidence, ambiguous) go to the queue with their reason, in the same commit.
+
+def record_calls(engine: Engine, calls: Sequence[tuple[Sequence[str], Sequence[Mapping[str, Any]]]]) -> None:
+    """Store model calls' API rows and queue the texts of flagged ones, in one transaction.
+
+    The out-of-scope rows (out_of_distribution, low_confidence, ambiguous) go to the review queue with their
+    reason, in the same commit as the ids.
 
     Args:
-        texts: the texts, in the order of `rows`.
-        rows: the shaped predictions.
+        calls: (texts, shaped predictions) per model call, the texts in the order of the rows.
     """
     now = store.now_utc()
     values = [
@@ -35,10 +39,11 @@ def record(engine: Engine, texts: Sequence[str], rows: Sequence[Mapping[str, Any
             "needs_review": r["needs_review"],
             "created_at": now,
         }
+        for _, rows in calls
         for r in rows
     ]
-    review = review_items(texts, rows, now)
-    with engine.begin() as conn:  # one transaction (one commit) per model call
+    review = [item for texts, rows in calls for item in review_items(texts, rows, now)]
+    with engine.begin() as conn:  # one transaction (one commit) per flush
         conn.execute(store.predictions.insert(), values)  # fresh uuid4s: no conflict to handle
         if review:
             conn.execute(store.review_queue.insert(), review)  # same fresh ids: none is queued yet

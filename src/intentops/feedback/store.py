@@ -126,13 +126,21 @@ def db_url(sqlite_path: str | os.PathLike) -> str:
 
 
 def make_engine(
-    url: str, *, busy_timeout_ms: int = 30000, pool_size: int = 5, max_overflow: int = 10
+    url: str,
+    *,
+    busy_timeout_ms: int = 30000,
+    pool_size: int = 5,
+    max_overflow: int = 10,
+    statement_timeout_ms: int | None = None,
 ) -> Engine:
-    """An engine safe for concurrent writers.
+    """An engine safe for concurrent writers, whose errors never carry the statement's parameters.
 
     SQLite: WAL (readers never block the writer), a busy timeout, foreign keys on, and every
     transaction opened with BEGIN IMMEDIATE, so that writers queue on the lock up front instead of
-    failing with SQLITE_BUSY when a read transaction tries to become a write. PostgreSQL needs nothing.
+    failing with SQLITE_BUSY when a read transaction tries to become a write.
+    PostgreSQL: with `statement_timeout_ms`, the same bound on connecting, on waiting for a lock and on a
+    statement (the API passes serving.store.timeout_s, so a slow or stopped server fails fast).
+    `hide_parameters`: a failed INSERT of a review-queue row must not put the customer's text into a log.
     """
     try:
         parsed = sa.make_url(url)
@@ -145,15 +153,31 @@ def make_engine(
     if parsed.get_backend_name() != "sqlite":
         if parsed.drivername == "postgresql":  # the installed driver is psycopg 3, not psycopg2
             parsed = parsed.set(drivername="postgresql+psycopg")
-        return sa.create_engine(parsed, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True)
+        return sa.create_engine(
+            parsed,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            pool_pre_ping=True,
+            hide_parameters=True,
+            **postgres_timeouts(statement_timeout_ms),
+        )
 
+    return sqlite_engine(parsed, busy_timeout_ms, pool_size, max_overflow, statement_timeout_ms is not None)
+
+
+def sqlite_engine(
+    parsed: sa.URL, busy_timeout_ms: int, pool_size: int, max_overflow: int, strict: bool
+) -> Engine:
+    """A SQLite engine (see make_engine); `strict` also bounds the wait for a pooled connection."""
     if parsed.database and parsed.database != ":memory:":
         os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
     engine = sa.create_engine(
         parsed,
         pool_size=pool_size,
         max_overflow=max_overflow,
+        hide_parameters=True,
         connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False},
+        **({"pool_timeout": busy_timeout_ms / 1000} if strict else {}),
     )
 
     @sa.event.listens_for(engine, "connect")
@@ -173,20 +197,37 @@ def make_engine(
     return engine
 
 
-def engine_from_params(params: Any, sqlite_path: str | os.PathLike | None = None) -> Engine:
+def engine_from_params(
+    params: Any, sqlite_path: str | os.PathLike | None = None, timeout_s: float | None = None
+) -> Engine:
     """The engine for the configured store: $INTENTOPS_DB_URL, else the SQLite file `sqlite_path`.
 
     Args:
         params: the composed parameters (feedback.store holds the pool and busy-timeout settings).
         sqlite_path: the SQLite file; paths.feedback_db when None (the API passes serving.store.db).
+        timeout_s: a strict bound on lock waits, connecting and statements (the API's; None: the
+            store's busy timeout, for the CLI's long-running work).
     """
     s = params.feedback.store
+    timeout_ms = None if timeout_s is None else max(1, int(timeout_s * 1000))
     return make_engine(
         db_url(params.paths.feedback_db if sqlite_path is None else sqlite_path),
-        busy_timeout_ms=s.busy_timeout_ms,
+        busy_timeout_ms=s.busy_timeout_ms if timeout_ms is None else timeout_ms,
         pool_size=s.pool_size,
         max_overflow=s.max_overflow,
+        statement_timeout_ms=timeout_ms,
     )
+
+
+def postgres_timeouts(timeout_ms: int | None) -> dict[str, Any]:
+    """create_engine arguments bounding a PostgreSQL connect, pool wait, lock wait and statement."""
+    if timeout_ms is None:
+        return {}
+    options = f"-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}"
+    return {
+        "pool_timeout": timeout_ms / 1000,
+        "connect_args": {"connect_timeout": max(1, round(timeout_ms / 1000)), "options": options},
+    }
 
 
 def current_version(conn: Connection) -> int:

@@ -216,7 +216,10 @@ class TorchPredictor(Predictor):
     def save(
         self, bundle_dir: str | os.PathLike, net_config: dict, net_kwargs: dict, extra: dict | None = None
     ) -> None:
-        """Write the bundle into an (empty or new) folder: bundle.json, featurizer pickle, state dict."""
+        """Write the bundle into an (empty or new) folder: bundle.json, featurizer pickle, state dict, manifest.
+
+        The manifest lets `bundle.verify_bundle` check the files before the featurizer is unpickled (a torch
+        bundle has no content version; it is checked file by file)."""
         import joblib
         import torch
 
@@ -232,6 +235,7 @@ class TorchPredictor(Predictor):
             **(extra or {}),
         }
         (bundle_dir / layout.BUNDLE_META).write_text(json.dumps(self.meta, indent=2) + "\n", encoding="utf-8")
+        layout.write_manifest(bundle_dir)
 
     def outputs(
         self,

@@ -1,7 +1,7 @@
 """The model registry: versioned bundles under models/registry/<version>/, a `production` pointer, a history.
 
 Layout:
-    models/registry/<version>/      a bundle (read by Predictor.load)
+    models/registry/<version>/      a bundle (read by Predictor.load), sealed: it verifies as that version
     models/registry/production      the production version, one line (git-tracked; deploys watch it)
     models/registry/history.jsonl   one JSON event per promotion or rollback, oldest first
 """
@@ -9,6 +9,7 @@ Layout:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -16,10 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from intentops.errors import UserError
+from intentops.inference.bundle import verify_bundle
 from intentops.io import atomic_path
 
 POINTER = "production"
 HISTORY = "history.jsonl"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,11 +58,22 @@ class Registry:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def add(self, bundle_dir: str | os.PathLike, version: str) -> Path:
-        """Copy a bundle in as `version` (idempotent: an existing version is left as it is)."""
+        """Copy a bundle in as `version`, checked against its manifest and that version before and after the copy.
+
+        Idempotent: an existing copy that verifies is kept; one that does not (an older export without a
+        manifest, a damaged copy) is replaced in one rename. A bundle that does not verify is refused (UserError).
+        """
+        verify_bundle(bundle_dir, expected_version=version)
         dest = self.root / version
-        if not dest.is_dir():
-            with atomic_path(dest) as tmp:
-                shutil.copytree(bundle_dir, tmp)
+        if dest.is_dir():
+            try:
+                verify_bundle(dest, expected_version=version)
+                return dest
+            except UserError as err:
+                log.warning("registry version %s does not verify, replacing it: %s", version, err.what)
+        with atomic_path(dest) as tmp:
+            shutil.copytree(bundle_dir, tmp)
+            verify_bundle(tmp, expected_version=version)  # raising here leaves `dest` as it was
         return dest
 
     def set_production(self, version: str, event: str, reason: str, **extra) -> None:

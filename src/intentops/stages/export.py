@@ -13,6 +13,7 @@ Bundle layout (paths.bundle_dir):
     calibration.json   temperature, out-of-scope method + threshold, review thresholds (models/calibration.json)
     ood_stats.npz      the statistics an embedding out-of-scope method needs (mahalanobis, knn); absent otherwise
     card.json          model card: version, metrics, data hashes, params, git revision, W&B run
+    manifest.json      size and sha256 of every file above (`intentops.inference.bundle.seal`, written last)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from intentops.inference.bundle import (
     TOKENIZER_FILE,
     content_version,
     file_sha256,
+    seal,
 )
 from intentops.inference.ood import load_calibration
 from intentops.inference.predictor import OnnxPredictor, Predictor
@@ -541,6 +543,8 @@ def main() -> None:
         check_parity(
             result["parity"], str(paths.export_parity)
         )  # leaving the `with` by an error keeps the old bundle
+        # Last: the manifest covers every file written above (serving and the registry verify it before loading).
+        seal(tmp)
     # Timings on a shared machine: record what else was running so that numbers can be compared honestly.
     result["metrics"]["cpu"] = {
         "count": os.cpu_count(),

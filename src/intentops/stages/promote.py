@@ -237,7 +237,8 @@ def main() -> None:
         challenger, champion, test["text"].tolist(), y, gate, int(pcfg.latency_calls), int(pcfg.warmup_calls)
     )
     if result["promoted"] and version == champion_version:
-        result["reasons"].append(f"{version} is already in production: registry unchanged")
+        registry.add(paths.bundle_dir, version)  # refreshes a folder an older export left without a manifest
+        result["reasons"].append(f"{version} is already in production: pointer unchanged")
     elif result["promoted"]:
         registry.add(paths.bundle_dir, version)
         registry.set_production(
