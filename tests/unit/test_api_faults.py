@@ -192,3 +192,32 @@ def test_rows_the_store_refuses_are_dropped_one_call_at_a_time(sqlite_store):
 def test_routes_are_matched_inside_the_app_route_prefix(path, root, inside):
     """An app served under a route prefix (Serve's root_path) keeps its open probes and fixed metric tags."""
     assert app_path({"path": path, "root_path": root}) == inside
+
+
+def test_readiness_says_what_works_and_what_does_not():
+    """503 without a model or with a stuck canary; 200 degraded (with reasons) while the store is down."""
+    from types import SimpleNamespace
+
+    from intentops.api.health import Canary, readiness
+
+    settings = {"health": {"canary_timeout_s": 5.0}}
+    writer = LedgerWriter()
+    slot = SimpleNamespace(current=None, failure=None)
+    canary = Canary()
+    assert readiness(slot, writer, canary, settings)[0] == 503
+    slot.current = SimpleNamespace(version="m-1")
+    assert readiness(slot, writer, canary, settings) == (
+        200,
+        {"status": "ready", "model_version": "m-1", "store": None},
+    )
+    writer.engine = object()
+    writer.state.ok, writer.state.error, writer.state.since = (
+        False,
+        "OperationalError: database is locked",
+        time.time(),
+    )
+    status, body = readiness(slot, writer, canary, settings)
+    assert status == 200 and body["status"] == "degraded" and "database is locked" in body["reasons"][0]
+    canary.sent_at = time.monotonic() - 6  # a canary unanswered for 6 s
+    status, body = readiness(slot, writer, canary, settings)
+    assert (status, body["status"]) == (503, "unhealthy") and "unanswered" in body["reasons"][0]
