@@ -186,6 +186,20 @@ class Traffic:
         return p99([(b - a) * 1000 for a, b, _ in self.results if self.phase(a, b) == phase])
 
 
+async def predict_good(
+    s: aiohttp.ClientSession, target: Target, i: int, timeout_s: float
+) -> tuple[int, bytes, float]:
+    """POST the i-th good text (TEXTS, cycled) with the key: (status, body, ms), as `call` answers."""
+    return await call(
+        s,
+        "POST",
+        target.url("/v1/predict"),
+        timeout_s,
+        json={"text": TEXTS[i % len(TEXTS)]},
+        headers=target.headers,
+    )
+
+
 async def good_client(
     s: aiohttp.ClientSession,
     target: Target,
@@ -198,14 +212,7 @@ async def good_client(
     i = secrets.randbelow(len(TEXTS))
     while not stop.is_set():
         i, sent = i + 1, time.monotonic()
-        status, body, _ = await call(
-            s,
-            "POST",
-            target.url("/v1/predict"),
-            timeout_s,
-            json={"text": TEXTS[i % len(TEXTS)]},
-            headers=target.headers,
-        )
+        status, body, _ = await predict_good(s, target, i, timeout_s)
         traffic.results.append((sent, time.monotonic(), status))
         if status == 200:
             traffic.ids.extend(p["prediction_id"] for p in json.loads(body)["predictions"])
@@ -537,14 +544,7 @@ async def fault_overload(
     async def client(s: aiohttp.ClientSession, deadline: float, i: int) -> None:
         while time.monotonic() < deadline:
             i += 1
-            status, body, ms = await call(
-                s,
-                "POST",
-                target.url("/v1/predict"),
-                timeout_s,
-                json={"text": TEXTS[i % len(TEXTS)]},
-                headers=target.headers,
-            )
+            status, body, ms = await predict_good(s, target, i, timeout_s)
             answers.append((status, ms))
             if status != 200:
                 samples.setdefault(str(status), body[:300].decode(errors="replace"))

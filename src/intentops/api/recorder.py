@@ -127,11 +127,6 @@ class Recorder:
             boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
         )
 
-    @property
-    def engine(self) -> Any:
-        """The feedback store's engine, None when predictions are not recorded."""
-        return self.writer.engine
-
     def open_store(self, store_settings: Mapping[str, Any], params: Any, root: Path) -> None:
         """Write what is buffered, then record to `serving.store` (nothing when record_predictions is off).
 

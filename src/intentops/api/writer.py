@@ -71,7 +71,6 @@ class LedgerWriter:
         self._ids: set[str] = set()
         self._rows = 0
         self._lock = threading.Lock()  # the model thread adds, the writer thread removes
-        self._wake = asyncio.Event()
         self._write_lock = threading.Lock()  # one write at a time (loop, feedback, shutdown)
         self.m_buffered = Gauge("intentops_store_buffered_rows", description="Rows waiting for the store.")
         self.m_dropped = Counter(
@@ -190,21 +189,16 @@ class LedgerWriter:
         """Write every flush_s; after a failure wait twice as long each time, up to retry_max_s."""
         delay = self.flush_s
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), delay)
-            except TimeoutError:
-                pass
-            self._wake.clear()
+            await asyncio.sleep(delay)
             self.m_buffered.set(self._rows)
-            try:
-                while self._rows and await run_in_thread(self.write_some):
-                    pass
+            if await self.write_now(run_in_thread):
                 delay = self.flush_s
-            except Exception:
+            else:
                 delay = min(max(delay, self.flush_s) * 2, self.retry_max_s)
 
     async def write_now(self, run_in_thread: Callable[..., Awaitable[Any]]) -> bool:
-        """Try to write the buffer now (for /v1/feedback on a buffered id); True when it is written."""
+        """Write the buffer until it is empty (the loop, and /v1/feedback on a buffered id); False when the
+        store failed (the rows stay buffered)."""
         try:
             while self._rows and await run_in_thread(self.write_some):
                 pass

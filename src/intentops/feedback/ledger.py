@@ -15,13 +15,9 @@ from sqlalchemy.engine import Engine
 from intentops.feedback import store
 
 
-def record(engine: Engine, texts: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
-    """Store one model call's API rows (shape of api.schemas.shape_predictions); see `record_calls`."""
-    record_calls(engine, [(texts, rows)])
-
-
 def record_calls(engine: Engine, calls: Sequence[tuple[Sequence[str], Sequence[Mapping[str, Any]]]]) -> None:
-    """Store model calls' API rows and queue the texts of flagged ones, in one transaction.
+    """Store model calls' API rows (shape of api.schemas.shape_predictions) and queue the texts of flagged
+    ones, in one transaction.
 
     The out-of-scope rows (out_of_distribution, low_confidence, ambiguous) go to the review queue with their
     reason, in the same commit as the ids.
