@@ -954,8 +954,10 @@ def resolve_bundle_arg(bundle: str | None) -> str:
     if bundle and bundle != settings.PRODUCTION:
         folder = Path(bundle).resolve()
     else:
-        registry_dir = load_params(ROOT / "params.yaml").serving.registry_dir
-        folder = settings.resolve_bundle(settings.PRODUCTION, registry_dir, ROOT)[0]
+        from omegaconf import OmegaConf
+
+        serving = OmegaConf.to_container(load_params(ROOT / "params.yaml").serving, resolve=True)
+        folder = settings.resolve_bundle({**serving, "bundle": settings.PRODUCTION}, ROOT)[0]
     if not folder.is_dir():
         sys.exit(
             f"serve_faults: no bundle at {folder}; fix: `dvc pull export` and copy models/bundle to the "

@@ -246,9 +246,7 @@ def main() -> None:
     defaults = OmegaConf.to_container(params.serving, resolve=True)
     # Serving loads ONNX bundles: without a production model, the `export` stage's bundle (models/bundle).
     bundle = args.bundle or (
-        "production"
-        if (ROOT / defaults["registry_dir"] / "production").is_file()
-        else params.paths.bundle_dir
+        "production" if settings.registry_of(defaults, ROOT).production() else params.paths.bundle_dir
     )
     user_config = settings.merge_settings(
         {"bundle": bundle, **{k: v for k, v in defaults.items() if k != "bundle"}},
@@ -256,7 +254,7 @@ def main() -> None:
     )
     if args.variant:
         user_config["variant"] = args.variant
-    bundle_dir, _ = settings.resolve_bundle(bundle, defaults["registry_dir"], ROOT)
+    bundle_dir, _ = settings.resolve_bundle({**defaults, "bundle": bundle}, ROOT)
     n = lambda k: max(1, int(k * args.scale))  # noqa: E731
 
     # The ceiling takes the better of 1 thread (what the replica uses) and every core (the model alone).

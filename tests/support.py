@@ -3,11 +3,18 @@ overrides that shrinks the real config for it, and a real DVC repo to run the pi
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
+import os
+import signal
+import socket
 import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -283,3 +290,64 @@ def write_tiny_onnx_bundle(dest: Path, labels: list[str], confident: bool, card:
     }
     write_json(dest / layout.BUNDLE_META, meta)
     return layout.seal(dest)
+
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str = "intentops", host: str = "127.0.0.1", port: int | None = None) -> Iterator[str]:
+    """A real S3-compatible server (moto in server mode) with one bucket; yields its URL, stops it afterwards."""
+    import boto3
+
+    port = port or free_port(host)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", host, "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://{host}:{port}"
+    try:
+        client = boto3.client(
+            "s3",
+            endpoint_url=url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        deadline = time.time() + 30
+        while True:
+            try:
+                client.create_bucket(Bucket=bucket)
+                break
+            except Exception:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def stop_processes(pids, grace_s: float, kill_s: float = 10.0, poll_s: float = 0.5) -> None:
+    """SIGTERM every pid that `pids()` returns, then SIGKILL what is left after `grace_s`."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, kill_s)):
+        for pid in pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while pids() and time.monotonic() < deadline:
+            time.sleep(poll_s)

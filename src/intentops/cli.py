@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from intentops.errors import cli_entry
 
@@ -85,14 +86,53 @@ def build_parser() -> argparse.ArgumentParser:  # long: one declaration per subc
     p.add_argument(
         "--to", metavar="VERSION", help="the version to restore (default: the one before the current)"
     )
+    _registry_option(p)
     p.set_defaults(func=_rollback)
 
-    p = sub.add_parser("registry", help="the model registry (paths.registry_dir)")
+    p = sub.add_parser(
+        "registry",
+        help="the model registry (paths.registry_dir, or $INTENTOPS_REGISTRY_URL: a folder or s3://...)",
+    )
     reg_sub = p.add_subparsers(dest="registry_command", required=True)
-    reg_sub.add_parser(
-        "list", help="versions, the production one marked, and the promotion history"
-    ).set_defaults(func=_registry_list)
+    r = reg_sub.add_parser("list", help="versions, production and candidate marked, and the event history")
+    _registry_option(r)
+    r.set_defaults(func=_registry_list)
+    r = reg_sub.add_parser(
+        "stage", help="upload a bundle (verified: content hash = version) and record it as the candidate"
+    )
+    r.add_argument("bundle", help="an exported bundle folder, e.g. models/bundle")
+    r.add_argument("--reason", default="staged by hand")
+    _registry_option(r)
+    r.set_defaults(func=_registry_stage)
+    r = reg_sub.add_parser(
+        "promote", help="move production to a version (default: the staged candidate); replicas swap to it"
+    )
+    r.add_argument("version", nargs="?", help="the version (default: the candidate)")
+    r.add_argument(
+        "--gate", help="promote the challenger of this gate file (reports/promote/gate.json), if it passed"
+    )
+    r.add_argument("--reason", default="promoted by hand")
+    _registry_option(r)
+    r.set_defaults(func=_registry_promote)
+    p = sub.add_parser(
+        "deploy-config",
+        help="write serving/cluster.yaml and deploy/rayservice.yaml's serveConfigV2 from serving/config.yaml "
+        "and serving/cluster.overlay.yaml",
+    )
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file is stale")
+    p.add_argument("--root", default=".", help="the repository root (default: .)")
+    p.set_defaults(func=_deploy_config)
     return parser
+
+
+def _deploy_config(args: argparse.Namespace) -> None:
+    import sys
+
+    from intentops.deploy import main as deploy_main
+
+    code = deploy_main([*(["--check"] if args.check else []), "--root", args.root])
+    if code:
+        sys.exit(code)
 
 
 def _drift_check(args: argparse.Namespace) -> None:
@@ -161,29 +201,99 @@ def _queue_prune(args: argparse.Namespace) -> None:
     main_prune(load_params(), args.days)
 
 
-def _rollback(args: argparse.Namespace) -> None:
-    from intentops.config import load_params
-    from intentops.inference.registry import Registry
+def _registry_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--registry",
+        metavar="URL",
+        help="the registry (default: $INTENTOPS_REGISTRY_URL, else paths.registry_dir in params.yaml)",
+    )
 
-    registry = Registry.at(load_params().paths.registry_dir)
+
+def _registry(args: argparse.Namespace):
+    from intentops.inference.registry import REGISTRY_ENV, Registry, registry_url
+
+    if args.registry or os.environ.get(REGISTRY_ENV):
+        return Registry.at(args.registry or registry_url(""))
+    from intentops.config import load_params
+
+    return Registry.at(registry_url(load_params().paths.registry_dir))
+
+
+def _rollback(args: argparse.Namespace) -> None:
+    registry = _registry(args)
     before = registry.production()
     print(f"production: {before} -> {registry.rollback(args.to)}")
 
 
 def _registry_list(args: argparse.Namespace) -> None:
-    from intentops.config import load_params
-    from intentops.inference.registry import Registry
-
-    registry = Registry.at(load_params().paths.registry_dir)
-    production = registry.production()
-    for version in registry.versions():
-        print(f"{'*' if version == production else ' '} {version}")
-    if production and production not in registry.versions():
-        print(f"! production {production} is not present locally")
-    for event in registry.history():
+    registry = _registry(args)
+    state, versions = registry.state(), registry.versions()
+    pointer = registry.production()
+    print(f"registry: {registry.url}")
+    for version in versions:
+        mark = "*" if version == state.production else "c" if version == state.candidate else " "
+        print(f"{mark} {version}")
+    if state.production and state.production not in versions:
+        print(f"! production {state.production} is not in the registry")
+    if pointer != state.production:
         print(
-            f"  {event['time']}  {event['event']:<8} {event['version']}  (was {event['previous']}): {event['reason']}"
+            f"! the pointer says {pointer}, the newest event {state.production}: the next promotion rewrites it"
         )
+    for e in state.events:
+        print(
+            f"  {e.get('seq', 0):>4} {e.get('time', '?')}  {e.get('event', '?'):<9} {e['version']}  "
+            f"(production was {e.get('previous')}): {e.get('reason', '')}"
+        )
+
+
+def _registry_stage(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from intentops.errors import UserError
+    from intentops.inference.bundle import verify_bundle
+
+    version = verify_bundle(Path(args.bundle)).get("version")
+    if not version:
+        raise UserError(
+            "the bundle has no content version", where=args.bundle, fix="stage an exported (ONNX) bundle"
+        )
+    event = _registry(args).stage(args.bundle, version, args.reason)
+    print(f"candidate: {version} (event {event['seq']})")
+
+
+def _registry_promote(args: argparse.Namespace) -> None:
+    registry = _registry(args)
+    version, reason = args.version, args.reason
+    if args.gate:
+        version, reason = _gate_version(args.gate, args.version)
+    before = registry.production()
+    event = registry.promote(version, reason)
+    print(f"production: {before} -> {event['version']} (event {event['seq']})")
+
+
+def _gate_version(gate_file: str, version: str | None) -> tuple[str, str]:
+    """The challenger a gate file promoted, and its reasons; refuses a gate that did not pass."""
+    import json
+    from pathlib import Path
+
+    from intentops.errors import UserError
+
+    try:
+        gate = json.loads(Path(gate_file).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read the gate: {err}", where=gate_file, fix="run the promote stage") from err
+    challenger = gate.get("challenger")
+    if gate.get("promoted") is not True or not challenger:
+        raise UserError(
+            "the gate did not promote its challenger",
+            where=gate_file,
+            fix="nothing to roll out; see its reasons",
+        )
+    if version and version != challenger:
+        raise UserError(
+            f"the gate promoted {challenger}, not {version}", where=gate_file, fix="name the gate's version"
+        )
+    return challenger, "; ".join(gate.get("reasons") or ["passed the gate"])
 
 
 @cli_entry

@@ -30,7 +30,7 @@ import pytest
 from integration.test_serving import AUTH, KEY, free_port, write_tiny_bundle
 from model import conftest as model_fixtures
 from model import test_sweep
-from support import ROOT
+from support import ROOT, stop_processes
 
 pytestmark = pytest.mark.slow
 
@@ -73,15 +73,7 @@ class Cluster:
 
     def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM this cluster's processes, then SIGKILL what is left after `grace_s`."""
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-            for pid in self.pids():
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + wait_s
-            while self.pids() and time.monotonic() < deadline:
-                time.sleep(0.5)
+        stop_processes(self.pids, grace_s)
 
 
 def _ancestors() -> set[int]:
@@ -225,7 +217,7 @@ def test_serve_replaces_a_killed_replica_under_load(cluster, tmp_path):
     engine.dispose()
     user_config = {
         "bundle": "production",
-        "registry_dir": str(registry),
+        "registry": str(registry),
         "store": {"record_predictions": True, "db": str(tmp_path / "queue.db")},
         "monitoring": {"enabled": False},
     }

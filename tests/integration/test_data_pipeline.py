@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +15,17 @@ import pytest
 from intentops.config import PARAMS_ENV, load_params
 from intentops.data.sources import MIRROR_ENV
 from intentops.scratch import write_project_params
-from support import ROOT, fixture_overrides, fixture_rows, make_project, run, sha256, to_csv, write_mirror
+from support import (
+    ROOT,
+    fixture_overrides,
+    fixture_rows,
+    make_project,
+    moto_s3,
+    run,
+    sha256,
+    to_csv,
+    write_mirror,
+)
 
 STAGE = "split"  # the data part of the pipeline; modelling stages have their own tests
 SPLITS = ("train", "val", "test")
@@ -132,35 +140,8 @@ def test_failed_repro_keeps_last_good_outputs_and_lock(project, tmp_path):
 @pytest.fixture
 def s3_server():
     """A real S3-compatible server (moto in server mode) on loopback, stopped afterwards."""
-    port = _closed_port()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        import boto3
-
-        deadline = time.time() + 30
-        while True:
-            try:
-                boto3.client(
-                    "s3",
-                    endpoint_url=url,
-                    region_name="us-east-1",
-                    aws_access_key_id="testing",
-                    aws_secret_access_key="testing",
-                ).create_bucket(Bucket="intentops")
-                break
-            except Exception:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.3)
+    with moto_s3() as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.mark.parametrize("kind", ["local", "s3"])

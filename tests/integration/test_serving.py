@@ -64,7 +64,7 @@ def served(tmp_path_factory):
 
     user_config = {
         "bundle": "production",
-        "registry_dir": str(registry),
+        "registry": str(registry),
         "watch_interval_s": 0.2,
         "max_body_bytes": 20000,
         "health": {"canary_interval_s": 0.5, "canary_timeout_s": 10.0},

@@ -39,7 +39,7 @@ def user_config(registry, db) -> dict:
     """The app's settings: the registry's production version, predictions recorded in `db`, no profiles."""
     return {
         "bundle": "production",
-        "registry_dir": str(registry),
+        "registry": str(registry),
         "max_texts": 32,
         "store": {"record_predictions": True, "db": str(db)},
         "monitoring": {"enabled": False},

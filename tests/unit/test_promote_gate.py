@@ -102,7 +102,7 @@ def test_registry_promote_history_and_rollback(tmp_path):
         reg.add(bundle, versions[-1])
         reg.set_production(versions[-1], event="promote", reason="gate passed")
     v1, v2 = versions
-    assert reg.production() == v2 and (reg.production_dir() / "card.json").is_file()
+    assert reg.production() == v2 and (reg.fetch(v2) / "card.json").is_file()
     assert reg.rollback() == v1 and reg.production() == v1
     assert [e["event"] for e in reg.history()] == ["promote", "promote", "rollback"]
     with pytest.raises(UserError, match="not in the registry"):

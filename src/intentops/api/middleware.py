@@ -55,10 +55,16 @@ def app_path(scope: dict) -> str:
     return (path[len(root) :] or "/") if root and path.startswith(root) else path
 
 
-class BodyLimit:
-    """The largest request body a replica reads (serving.max_body_bytes); set on every reconfigure."""
+class Policy:
+    """What the middleware enforces, set on every reconfigure: the largest body a replica reads
+    (serving.max_body_bytes) and the API keys (serving.auth; None: no key checked)."""
 
     max_bytes: int = 1_000_000
+    api_keys: str | None = None
+
+    def configure(self, max_bytes: int, auth: str) -> None:
+        self.max_bytes = max_bytes
+        self.api_keys = None if auth == "off" else os.environ.get(API_KEY_ENV) or None
 
 
 def too_large(limit: int, where: str) -> JSONResponse:
@@ -111,7 +117,7 @@ UNAUTHORIZED = {
 
 
 class Guard:
-    """401 without the API key (when $INTENTOPS_API_KEY is set; OPEN_PATHS excepted), then one JSON log line.
+    """401 without the API key (when $INTENTOPS_API_KEY is set and serving.auth is not off; OPEN_PATHS excepted), then one JSON log line.
 
     The route finds `scope["intentops"]` (status, request_id) and adds what the log line should say about the
     model call.
@@ -121,13 +127,12 @@ class Guard:
         request_log: the replica's request log.
     """
 
-    def __init__(self, asgi_app: Any, request_log: ReplicaRequestLog, body_limit: BodyLimit):
+    def __init__(self, asgi_app: Any, request_log: ReplicaRequestLog, policy: Policy):
         from ray.serve.metrics import Counter, Histogram
 
         self.app = asgi_app
         self.log = request_log
-        self.body_limit = body_limit
-        self.key = os.environ.get(API_KEY_ENV) or None
+        self.policy = policy
         self.in_flight = 0  # requests inside this replica: the request log is flushed when none is left
         self.latency = Histogram(
             "intentops_request_latency_ms",
@@ -156,7 +161,8 @@ class Guard:
 
         self.in_flight += 1
         try:
-            if self.key and path not in OPEN_PATHS and not api_key_ok(scope["headers"], self.key):
+            keys = self.policy.api_keys
+            if keys and path not in OPEN_PATHS and not api_key_ok(scope["headers"], keys):
                 await JSONResponse(UNAUTHORIZED, status_code=401, headers={"WWW-Authenticate": "Bearer"})(
                     scope, receive, send_status
                 )
@@ -168,7 +174,7 @@ class Guard:
 
     async def _within_limit(self, scope: dict, receive: Any, send: Any) -> None:
         """413 for a body over the limit, decided before it is parsed: on Content-Length, else while reading."""
-        limit = self.body_limit.max_bytes
+        limit = self.policy.max_bytes
         length = content_length(scope["headers"])
         if length is not None and length > limit:
             return await too_large(limit, f"Content-Length: {length}")(scope, receive, send)

@@ -132,7 +132,7 @@ class ReloadFailure:
 
 
 # Settings that change what load_model builds from the same bundle folder.
-_RELOAD_KEYS = ("review", "variant", "num_threads", "allow_torch_bundles")
+_RELOAD_KEYS = ("review", "variant", "num_threads", "allow_torch_bundles", "registry", "bundle")
 RETRY_MAX_S = 60.0
 
 
@@ -168,11 +168,10 @@ class ModelSlot:
     async def apply(self, settings: Mapping[str, Any], old: Mapping[str, Any]) -> None:
         """Reload when new settings name another bundle or change how it is loaded."""
         model = self.current
-        target, _ = resolve_bundle(settings["bundle"], settings["registry_dir"], self.root)
         stale = (
             model is None
-            or model.bundle_dir != target
             or any(settings[k] != old.get(k) for k in _RELOAD_KEYS)
+            or (await self._run_io(resolve_bundle, settings, self.root))[0] != model.bundle_dir
         )
         if stale:
             await self.reload(force=True)
@@ -187,7 +186,7 @@ class ModelSlot:
             s = self._settings()
             target = s["bundle"]
             try:
-                bundle_dir, registry_version = resolve_bundle(s["bundle"], s["registry_dir"], self.root)
+                bundle_dir, registry_version = await self._run_io(resolve_bundle, s, self.root)
                 target = str(bundle_dir)
                 if not force and self.current is not None and self.current.bundle_dir == bundle_dir:
                     self._failed(None, target, force)
@@ -243,8 +242,9 @@ class ModelSlot:
             if not interval or registry is None:
                 continue
             try:
-                seen = registry.production()
-            except OSError:
+                seen = await self._run_io(registry.production)
+            except Exception as err:  # an unreachable registry: keep serving, poll again
+                log.warning("cannot read the production pointer at %s: %s", registry.url, err)
                 continue
             if seen != self._pointer_seen:
                 self._pointer_seen = seen

@@ -47,7 +47,7 @@ class ProfileSink:
         if not m["enabled"]:
             return
         try:
-            self.vocab = read_vocab(str(root / m["vocab"]))
+            self.vocab = read_vocab(m["vocab"] if "://" in m["vocab"] else str(root / m["vocab"]))
         except UserError as err:
             log.warning("monitoring profiles off: %s", err.render())
             return

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 
 from intentops.api.batching import Batcher
 from intentops.api.health import CANARY_TEXT, Canary, Unavailable, readiness
-from intentops.api.middleware import BodyLimit, Guard, request_id
+from intentops.api.middleware import Guard, Policy, request_id
 from intentops.api.model import LoadedModel, ModelSlot
 from intentops.api.recorder import Recorder
 from intentops.api.requestlog import ReplicaRequestLog
@@ -41,9 +41,9 @@ from intentops.api.writer import error_text
 api = FastAPI(title="intentops", summary="Banking77 intent classification", docs_url=None, openapi_url=None)
 # This replica's request log: opened on the first request that logs (the replica's context exists from then).
 request_log = ReplicaRequestLog()
-# The body-size limit the middleware checks before a body is parsed (serving.max_body_bytes).
-body_limit = BodyLimit()
-api.add_middleware(Guard, request_log=request_log, body_limit=body_limit)
+# What the middleware checks before a body is parsed: its size (serving.max_body_bytes) and the API key.
+policy = Policy()
+api.add_middleware(Guard, request_log=request_log, policy=policy)
 
 
 @api.exception_handler(RequestError)
@@ -101,7 +101,7 @@ class IntentService:
         self.batcher.configure(
             settings["batching"]["max_batch_size"], settings["batching"]["batch_wait_timeout_s"]
         )
-        body_limit.max_bytes = settings["max_body_bytes"]
+        policy.configure(settings["max_body_bytes"], settings["auth"])
         old, self.settings = self.settings, settings
         if settings["store"] != old.get("store"):
             await self._run_store(self.recorder.open_store, settings["store"], params, self.root)

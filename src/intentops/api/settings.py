@@ -9,13 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from intentops.errors import UserError
-from intentops.inference.registry import POINTER, Registry
+from intentops.inference.registry import CACHE_ENV, POINTER, Registry, is_remote, registry_url
 
 # The project root the settings' relative paths start from (default: the working directory).
 ROOT_ENV = "INTENTOPS_ROOT"
 # `bundle: production` follows the registry's pointer.
 PRODUCTION = POINTER
 _WHERE = "serving/config.yaml user_config or conf/serving/default.yaml"
+PROFILES_ENV = "INTENTOPS_PROFILES_URL"
+VOCAB_ENV = "INTENTOPS_VOCAB_URL"
+AUTH_MODES = ("optional", "required", "off")
 
 
 def project_root() -> Path:
@@ -30,9 +33,64 @@ def load_settings(root: Path, user_config: Mapping[str, Any] | None) -> tuple[di
     from intentops.config import PARAMS_ENV, load_params
 
     params = load_params(os.environ.get(PARAMS_ENV) or root / "params.yaml")
-    settings = merge_settings(OmegaConf.to_container(params.serving, resolve=True), user_config)
+    settings = with_environment(
+        merge_settings(OmegaConf.to_container(params.serving, resolve=True), user_config)
+    )
     check_settings(settings)
+    check_deployment(settings)
     return settings, params
+
+
+def with_environment(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings with what the deployment's environment overrides: registry and profiles URLs (Secrets), the
+    bundle cache folder."""
+    settings["registry"] = registry_url(settings["registry"])
+    settings["bundle_cache"] = os.environ.get(CACHE_ENV) or settings["bundle_cache"]
+    for key, env in (("profiles", PROFILES_ENV), ("vocab", VOCAB_ENV)):
+        if os.environ.get(env):
+            settings["monitoring"] = {**settings["monitoring"], key: os.environ[env]}
+    return settings
+
+
+def check_deployment(s: Mapping[str, Any]) -> None:
+    """Refuse auth and cluster settings a replica cannot honour, before it serves anything.
+
+    `auth: required` needs $INTENTOPS_API_KEY. `cluster: true` needs shared state: a database other than a
+    per-node SQLite file, profiles and registry at object-store URLs.
+    """
+    from intentops.config import API_KEY_ENV
+    from intentops.feedback.store import DB_URL_ENV
+
+    if s["auth"] not in AUTH_MODES:
+        raise UserError(
+            f"serving.auth must be one of {AUTH_MODES}, got {s['auth']!r}", where=_WHERE, fix="fix it"
+        )
+    if s["auth"] == "required" and not os.environ.get(API_KEY_ENV):
+        raise UserError(
+            f"serving.auth is `required` but ${API_KEY_ENV} is not set",
+            where=f"the replica's environment (${API_KEY_ENV})",
+            fix=f"set ${API_KEY_ENV} from a Secret (comma-separated keys), or set serving.auth: off to serve "
+            "without authentication",
+        )
+    if not s["cluster"]:
+        return
+    shared = {
+        f"${DB_URL_ENV} (the review queue)": not s["store"]["record_predictions"]
+        or not (os.environ.get(DB_URL_ENV) or "sqlite").startswith("sqlite"),
+        f"${PROFILES_ENV} or monitoring.profiles (serving profiles)": not s["monitoring"]["enabled"]
+        or is_remote(s["monitoring"]["profiles"]),
+        "$INTENTOPS_REGISTRY_URL or serving.registry (the model registry)": s["bundle"] != PRODUCTION
+        or is_remote(s["registry"]),
+    }
+    for what, ok in shared.items():
+        if not ok:
+            raise UserError(
+                f"cluster mode needs shared state, but {what} is local to this node",
+                where=f"{_WHERE} (cluster: true)",
+                fix="point it at shared storage: PostgreSQL (postgresql+psycopg://...) for the database, an "
+                "object-store URL (s3://bucket/prefix) for profiles and the registry; or set cluster: false "
+                "on a single machine",
+            )
 
 
 def merge_settings(defaults: Mapping[str, Any], user_config: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -74,12 +132,11 @@ def check_settings(s: Mapping[str, Any]) -> None:
             where=_WHERE,
             fix="fp32 (the exported graph) or int8 (its dynamic int8 copy, export.quantize=true)",
         )
-    if not isinstance(s["allow_torch_bundles"], bool):
-        raise UserError(
-            f"serving.allow_torch_bundles must be true or false, got {s['allow_torch_bundles']!r}",
-            where=_WHERE,
-            fix="false (ONNX bundles only) or true",
-        )
+    for key in ("allow_torch_bundles", "cluster"):
+        if not isinstance(s[key], bool):
+            raise UserError(
+                f"serving.{key} must be true or false, got {s[key]!r}", where=_WHERE, fix="fix it"
+            )
     check_numbers(
         s,
         ("batching.batch_wait_timeout_s", "watch_interval_s", "review.min_confidence", "review.min_margin"),
@@ -106,21 +163,30 @@ def check_numbers(s: Mapping[str, Any], keys: tuple[str, ...], low: float) -> No
             )
 
 
-def resolve_bundle(bundle: str, registry_dir: str | os.PathLike, root: Path) -> tuple[Path, str | None]:
-    """(bundle folder, registry version or None). `production` follows the registry's pointer."""
+def registry_of(settings: Mapping[str, Any], root: Path) -> Registry:
+    """The settings' registry; a relative folder starts at the project root."""
+    url = settings["registry"]
+    return Registry.at(url if is_remote(url) or os.path.isabs(url) else root / url)
+
+
+def resolve_bundle(settings: Mapping[str, Any], root: Path) -> tuple[Path, str | None]:
+    """(local bundle folder, registry version or None). `production` follows the registry's pointer and, for a
+    remote registry, downloads the version into `bundle_cache` (verified there)."""
+    bundle = settings["bundle"]
     if bundle != PRODUCTION:
         return (root / bundle).resolve(), None
-    registry = Registry.at(root / registry_dir)
+    registry = registry_of(settings, root)
     version = registry.production()
     if not version:
         raise UserError(
             "no production model: the registry pointer is missing or empty",
-            where=str(registry.root / POINTER),
-            fix="run the pipeline so that `promote` sets one, or set user_config.bundle to a bundle folder",
+            where=f"{registry.url}/{POINTER}",
+            fix="run the pipeline so that `promote` sets one (or `intentops registry promote`), or set "
+            "user_config.bundle to a bundle folder",
         )
-    return (registry.root / version).resolve(), version
+    return registry.fetch(version, settings["bundle_cache"]).resolve(), version
 
 
 def watched_registry(settings: Mapping[str, Any], root: Path) -> Registry | None:
     """The registry whose pointer the watcher polls; None when the bundle is a fixed folder."""
-    return Registry.at(root / settings["registry_dir"]) if settings["bundle"] == PRODUCTION else None
+    return registry_of(settings, root) if settings["bundle"] == PRODUCTION else None

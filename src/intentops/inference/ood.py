@@ -13,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from intentops.metrics import expected_calibration_error
-
 METHODS = ("msp", "energy", "mahalanobis", "knn")
 # Scores where larger means "more out-of-scope"; msp is a confidence, so small means out-of-scope.
 HIGHER_IS_OOD = {"msp": False, "energy": True, "mahalanobis": True, "knn": True}
@@ -273,7 +271,7 @@ def split_metrics(
         "in_scope_accuracy": float(accepted_ok[ins].mean()),
         "coverage": float((~out["out_of_scope"][ins]).mean()),
         "needs_review_rate": float(out["needs_review"][ins].mean()),
-        "ece": expected_calibration_error(out["proba"][ins], y[ins], n_bins),
+        "ece": _ece(out["proba"][ins], y[ins], n_bins),
     }
     accepted = ~out["out_of_scope"]
     if accepted.any():
@@ -373,3 +371,10 @@ def load_calibration(path: str | os.PathLike) -> dict:
         with np.load(path.parent / ood["stats_file"]) as npz:
             ood["stats"] = {k: npz[k] for k in npz.files}
     return calibration
+
+
+def _ece(proba: np.ndarray, y: np.ndarray, n_bins: int) -> float:
+    # Imported here: intentops.metrics imports scikit-learn's metrics (~2 s), which serving never needs.
+    from intentops.metrics import expected_calibration_error
+
+    return expected_calibration_error(proba, y, n_bins)

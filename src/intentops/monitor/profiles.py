@@ -118,14 +118,21 @@ def write_reference(
 
 
 def read_vocab(path: str) -> frozenset[str]:
-    """The vocabulary written by `write_reference`."""
-    from intentops.io import read_json
+    """The vocabulary written by `write_reference`: a file, or an fsspec URL (a cluster's object store)."""
+    import json
 
-    if not Path(path).is_file():
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rb") as fh:
+            return frozenset(json.loads(fh.read())["tokens"])
+    except FileNotFoundError as err:
         raise UserError(
-            "training vocabulary not found", where=str(path), fix="run `intentops drift-reference`"
-        )
-    return frozenset(read_json(path)["tokens"])
+            "training vocabulary not found",
+            where=str(path),
+            fix="run `intentops drift-reference`; on a cluster, copy data/monitoring/vocab.json to object storage "
+            "and set $INTENTOPS_VOCAB_URL",
+        ) from err
 
 
 def read_view(data: bytes, where: str) -> DatasetProfileView:

@@ -202,7 +202,7 @@ def retrain(
         TooFewLabels, NotPromoted, UserError: see the exit codes above.
     """
     from intentops.feedback.label import main_export
-    from intentops.inference.registry import Registry
+    from intentops.inference.registry import Registry, registry_url
 
     cfg, paths = params.monitor.retrain, params.paths
     root = Path(root or Path.cwd())
@@ -210,11 +210,11 @@ def retrain(
     t0 = time.perf_counter()
     print(f"retrain 1/4: exporting {n_new} new reviewed label(s) to {paths.feedback_labels}", flush=True)
     exported = main_export(params)
-    before = Registry.at(paths.registry_dir).production()
+    before = Registry.at(registry_url(paths.registry_dir)).production()
     print("retrain 2/4: dvc repro (only stages whose inputs changed rerun)", flush=True)
     repro_s, repro_out = dvc_repro(root, lambda line: print(line, flush=True))
     gate = read_gate(paths.promote_gate)
-    after = Registry.at(paths.registry_dir).production()
+    after = Registry.at(registry_url(paths.registry_dir)).production()
     print(
         f"retrain 3/4: gate {'PROMOTED' if gate.get('promoted') else 'rejected'} {gate.get('challenger')} "
         f"(champion {gate.get('champion')}): {'; '.join(gate.get('reasons', []))}",

@@ -11,6 +11,7 @@ With no champion, the first model is promoted (checks 1 and 2 have nothing to co
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 
@@ -195,6 +196,47 @@ def run_promote(
     }
 
 
+TARGET_ENV = "INTENTOPS_PROMOTE_TARGET"
+TARGETS = ("production", "candidate")
+
+
+def promote_target(pcfg) -> str:
+    """Where a promoted challenger goes: `production`, or `candidate` (CI: the merge of its pull request moves
+    production); $INTENTOPS_PROMOTE_TARGET overrides promote.target."""
+    target = os.environ.get(TARGET_ENV) or pcfg.get("target", "production")
+    if target not in TARGETS:
+        raise UserError(
+            f"promote.target must be one of {TARGETS}, got {target!r}",
+            where=f"${TARGET_ENV} or promote.target in params.yaml",
+            fix="production (move the pointer now) or candidate (stage it for the deploy workflow)",
+        )
+    return target
+
+
+def update_registry(registry, state, bundle_dir: str, result: dict, target: str) -> str:
+    """Upload a promoted challenger, then move production to it (or stage it as the candidate).
+
+    The move is conditional on the registry not having changed since `state` was read for the gate
+    (RegistryConflict otherwise). Returns what happened: production, candidate, unchanged or rejected.
+    """
+    version = result["challenger"]
+    if not result["promoted"]:
+        return "rejected"
+    if version == state.production:
+        registry.add(bundle_dir, version)  # refreshes a copy an older export left without a manifest
+        result["reasons"].append(f"{version} is already in production: pointer unchanged")
+        return "unchanged"
+    registry.add(bundle_dir, version)
+    reason = "; ".join(result["reasons"])
+    macro = result["checks"]["challenger_macro_f1"]
+    if target == "candidate":
+        registry.record("candidate", version, reason, after=state.seq, macro_f1=macro)
+        result["reasons"].append(f"staged {version} as the candidate: merging its pull request promotes it")
+    else:
+        registry.set_production(version, "promote", reason, after=state.seq, macro_f1=macro)
+    return target
+
+
 @cli_entry
 def main() -> None:
     import time
@@ -203,13 +245,14 @@ def main() -> None:
 
     from intentops.config import load_params
     from intentops.inference.predictor import Predictor
-    from intentops.inference.registry import Registry
+    from intentops.inference.registry import Registry, registry_url
     from intentops.io import write_json
     from intentops.models.labels import encode_labels
 
     cfg = load_params()
     paths, pcfg = cfg.paths, cfg.promote
     t0 = time.perf_counter()
+    target = promote_target(pcfg)
     challenger = Predictor.load(paths.bundle_dir)
     version = challenger.version
     if not version:
@@ -218,35 +261,16 @@ def main() -> None:
             where=f"{paths.bundle_dir}/bundle.json",
             fix="re-run `dvc repro export`: promote takes the ONNX bundle that export writes",
         )
-    registry = Registry.at(paths.registry_dir)
-    champion_version = registry.production()
-    champion = None
-    if champion_version:
-        champion_dir = registry.production_dir()
-        if not champion_dir.is_dir():
-            raise UserError(
-                f"production points at {champion_version}, but its bundle is not here",
-                where=str(champion_dir),
-                fix="restore the registry folder (see models/registry/.gitignore) or `intentops rollback --to` one "
-                "that is present",
-            )
-        champion = Predictor.load(champion_dir)
+    registry = Registry.at(registry_url(paths.registry_dir))
+    state = registry.state()
+    champion_version = state.production
+    champion = None if champion_version is None else Predictor.load(registry.fetch(champion_version))
     test, y, _ = encode_labels(pd.read_parquet(paths.test), challenger.labels)
     gate = {k: pcfg[k] for k in ("epsilon", "delta", "latency_budget_ms", "n_boot", "confidence", "seed")}
     result = run_promote(
         challenger, champion, test["text"].tolist(), y, gate, int(pcfg.latency_calls), int(pcfg.warmup_calls)
     )
-    if result["promoted"] and version == champion_version:
-        registry.add(paths.bundle_dir, version)  # refreshes a folder an older export left without a manifest
-        result["reasons"].append(f"{version} is already in production: pointer unchanged")
-    elif result["promoted"]:
-        registry.add(paths.bundle_dir, version)
-        registry.set_production(
-            version,
-            event="promote",
-            reason="; ".join(result["reasons"]),
-            macro_f1=result["checks"]["challenger_macro_f1"],
-        )
+    result["target"] = update_registry(registry, state, paths.bundle_dir, result, target)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(paths.promote_gate, result)
     log.info(
