@@ -111,20 +111,15 @@ def ray_start(args: list[str], temp_dir: Path) -> None:
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
-def use_default_auth_token(mp: pytest.MonkeyPatch) -> None:
-    """Token auth for this cluster's nodes and drivers, with Ray's default token (~/.ray/auth_token).
+def without_token_auth(mp: pytest.MonkeyPatch) -> None:
+    """Token auth off for this loopback cluster's nodes and its driver, explicitly (RAY_AUTH_MODE=disabled).
 
-    Ray 2.60 turns token auth on for a head when ~/.ray/auth_token exists (and for every new local `ray.init()`,
-    which writes that file), but not for a joining node, which is then refused: RAY_AUTH_MODE=token turns it on
-    everywhere. The token is the default file's, made by `ray get-auth-token --generate` when missing, not one of
-    this test's own: Ray caches the token for the whole process, and a later `ray.init` in this pytest process
-    (tests/integration/test_loop.py) starts a head that reads the same file, so its driver's token still matches.
+    Ray 2.60 turns token auth on for a head when ~/.ray/auth_token exists, but not for a joining node, so the mode
+    must be said on every node. It must also match the driver's, and the driver's is fixed by the first `import
+    ray` in this pytest process, which is often at collection (a module importing `intentops.api`), before any
+    fixture can set it: that mode is `disabled` unless RAY_AUTH_MODE says otherwise, so every node says disabled.
     """
-    proc = subprocess.run(
-        [str(RAY), "get-auth-token", "--generate"], capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    mp.setenv("RAY_AUTH_MODE", "token")
+    mp.setenv("RAY_AUTH_MODE", "disabled")
     for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
         mp.delenv(var, raising=False)
 
@@ -137,7 +132,7 @@ def cluster():
     port = free_port()
     c = Cluster(f"127.0.0.1:{port}", temp_root)
     with pytest.MonkeyPatch.context() as mp:
-        use_default_auth_token(mp)
+        without_token_auth(mp)
         try:
             ray_start(
                 [

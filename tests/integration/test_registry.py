@@ -211,3 +211,16 @@ def _cli(args: list[str], cwd: Path, check: bool = True) -> str:
     else:
         assert proc.returncode != 0
     return proc.stdout + proc.stderr
+
+
+def test_moves_are_refused_where_the_conditional_write_is_not_proven(bundles):
+    """fsspec's in-memory filesystem reads fine, but nothing shows it honours create-only: no move there."""
+    (a, dir_a), _ = bundles.items()
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.put(str(dir_a), f"/reg/{a}", recursive=True)
+    registry = Registry.at("memory://reg")
+    assert registry.versions() == [a] and registry.production() is None
+    with pytest.raises(UserError, match="create-only"):
+        registry.set_production(a, "promote", "untested backend")

@@ -40,6 +40,9 @@ CACHE_ENV = "INTENTOPS_BUNDLE_CACHE"
 DEFAULT_CACHE = "/tmp/intentops/bundles"
 # Events that move production; `candidate` only stages a version.
 PRODUCTION_EVENTS = ("promote", "rollback")
+# Remote protocols whose create-only write (If-None-Match: *) is tested (tests/integration/test_registry.py):
+# a backend that ignored it would let two promotions overwrite each other, so moves elsewhere are refused.
+CONDITIONAL_PROTOCOLS = ("s3", "s3a")
 # Cached bundles kept per replica (the newest by use); older ones are removed after a fetch.
 CACHE_KEEP = 3
 
@@ -112,6 +115,14 @@ class Storage:
     def create(self, text: str, *parts: str) -> bool:
         """Write a new object whole only if none exists there; False if one does (the conditional write)."""
         if self.remote:
+            if self.url.split("://", 1)[0] not in CONDITIONAL_PROTOCOLS:
+                raise UserError(
+                    f"moving the registry needs a create-only write, which this project has tested only on local "
+                    f"folders and {', '.join(p + '://' for p in CONDITIONAL_PROTOCOLS)}",
+                    where=self.url,
+                    fix="keep the registry on S3 (or an S3-compatible store) or a local folder; replicas can "
+                    "still read it from any fsspec URL",
+                )
             try:
                 self.fs.pipe_file(self.path(*parts), text.encode("utf-8"), mode="create")
             except FileExistsError:
