@@ -92,12 +92,13 @@ def measure_raw(
     bundle: Path, batch_size: int, num_threads: int, variant: str | None = None, seconds: float = 4.0
 ) -> dict:
     """Batched sentences/s and single-sentence latency of the Predictor in this process."""
-    import torch
-
     from intentops.inference.predictor import Predictor
 
-    torch.set_num_threads(num_threads)
     predictor = Predictor.load(bundle, threads=num_threads, variant=variant)
+    if predictor.meta.get("format") == "torch":  # the serving image has no torch: ONNX takes `threads`
+        import torch
+
+        torch.set_num_threads(num_threads)
     batch = [TEXTS[i % len(TEXTS)] for i in range(batch_size)]
     predictor.predict(batch, top_k=3)
     n, start = 0, time.perf_counter()
