@@ -27,10 +27,10 @@ import httpx
 import pytest
 
 # Helpers and fixtures of the single-node Serve test and of the sweep tests (tests/ is on sys.path).
-from integration.test_serving import AUTH, KEY, free_port, write_tiny_bundle
+from integration.test_serving import AUTH, KEY, write_tiny_bundle
 from model import conftest as model_fixtures
 from model import test_sweep
-from support import ROOT, stop_processes
+from support import ROOT, free_port, stop_processes
 
 pytestmark = pytest.mark.slow
 

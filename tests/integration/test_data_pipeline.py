@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from support import (
     ROOT,
     fixture_overrides,
     fixture_rows,
+    free_port,
     make_project,
     moto_s3,
     run,
@@ -176,12 +176,6 @@ def test_push_pull_round_trip(project, tmp_path, request, kind):
 # ---- bad input: every case gets a non-zero exit and a message naming what, where and what to do ----
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rows_csv(extra):
     train, _ = fixture_rows()
     return to_csv([*train, *extra])
@@ -283,7 +277,7 @@ def test_bad_input_is_reported_clearly(project, tmp_path, case):
     shas = write_mirror(mirror, **{k: v for k, v in given.items() if v is not None})
     for name in [n for n, content in files.items() if content is None]:
         (mirror / "banking77" / name).unlink()
-    port = _closed_port()
+    port = free_port()  # nothing listens on it
     overrides = fixture_overrides(shas, [e.format(port=port) for e in extra])
     # "unreachable url" runs without a mirror, so the configured URL is used.
     labels = (repo / paths_of(repo).feedback_labels).read_text()

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from integration.test_cluster import Cluster, ray_start
-from integration.test_serving import free_port, write_tiny_bundle
-from support import ROOT
+from integration.test_serving import write_tiny_bundle
+from support import ROOT, free_port
 
 pytestmark = pytest.mark.slow
 SERVE = Path(sys.executable).parent / "serve"

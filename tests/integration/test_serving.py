@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from support import ROOT, write_tiny_onnx_bundle
+from support import ROOT, free_port, write_tiny_onnx_bundle
 
 KEY = "test-key-123"
 AUTH = {"X-API-Key": KEY}
@@ -30,12 +29,6 @@ LABELS = ["card_arrival", "lost_or_stolen_card", "exchange_rate", "top_up_failed
 def write_tiny_bundle(dest: Path, confident: bool) -> str:
     """A real, sealed ONNX bundle (untrained): confident=True pushes every text to LABELS[0]; returns its version."""
     return write_tiny_onnx_bundle(dest, LABELS, confident, card={"metrics": {"test/macro_f1": 0.5}})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

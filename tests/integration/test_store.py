@@ -6,7 +6,6 @@ import os
 import pwd
 import random
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -19,14 +18,9 @@ import sqlalchemy as sa
 
 from intentops.errors import UserError
 from intentops.feedback import store
+from support import free_port
 
 PG_BIN = Path(os.environ.get("INTENTOPS_PG_BIN", "/usr/lib/postgresql/15/bin"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +38,7 @@ def postgres_url() -> Iterator[str]:
     root = Path(tempfile.mkdtemp(prefix="iopg-"))  # short: a unix socket path is limited to ~107 bytes
     if run_as:
         os.chown(root, run_as["user"], run_as["group"])
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
 
     def pg(*args: str) -> None:
         subprocess.run(

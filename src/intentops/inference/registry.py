@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +179,7 @@ class Registry:
     def at(cls, url: str | os.PathLike) -> Registry:
         return cls(os.fspath(url))
 
-    @property
+    @cached_property
     def storage(self) -> Storage:
         return Storage(self.url)
 
@@ -280,6 +281,16 @@ class Registry:
             self.storage.download(Path(tmp) / version, version)
             verify_bundle(Path(tmp) / version, expected_version=version)
 
+    def _require(self, version: str) -> None:
+        """Raise a UserError unless `version` has a folder in the registry (one listing; more only to say which do)."""
+        if not self.storage.is_dir(version):
+            raise UserError(
+                f"version {version!r} is not in the registry",
+                where=self._where(version),
+                fix=f"stage it (`intentops registry stage <bundle>`), restore its folder, or choose one of "
+                f"{self.versions()} (`intentops registry list`; `intentops rollback --to`)",
+            )
+
     def record(self, event: str, version: str, reason: str, after: int | None = None, **extra: Any) -> dict:
         """Append an event with the conditional write; `after` is the event number the caller decided on.
 
@@ -288,13 +299,7 @@ class Registry:
         """
         state = self.state()
         base = state.seq if after is None else after
-        if version not in self.versions():
-            raise UserError(
-                f"version {version!r} is not in the registry",
-                where=self.url,
-                fix=f"choose one of {self.versions()} (`intentops registry list`), or stage it first "
-                "(`intentops registry stage <bundle>`)",
-            )
+        self._require(version)
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "event": event,
@@ -387,13 +392,7 @@ class Registry:
         (serving's check_bundle), so a bad copy is never loaded either way.
         """
         if not is_remote(self.url):
-            if not (self.root / version).is_dir():
-                raise UserError(
-                    f"version {version!r} is not in the registry",
-                    where=str(self.root / version),
-                    fix="restore the version folder (see models/registry/.gitignore) or point production at "
-                    "one that is there (`intentops rollback --to`)",
-                )
+            self._require(version)
             return self.root / version
         cache = Path(cache or default_cache())
         dest = cache / version
@@ -404,12 +403,7 @@ class Registry:
                 return dest
             except UserError as err:
                 log.warning("cached bundle %s does not verify, downloading it again: %s", dest, err.what)
-        if not self.storage.is_dir(version):
-            raise UserError(
-                f"version {version!r} is not in the registry",
-                where=self._where(version),
-                fix="stage it (`intentops registry stage`) or point production at a version that is there",
-            )
+        self._require(version)
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=cache))
         try:

@@ -222,11 +222,10 @@ def update_registry(registry, state, bundle_dir: str, result: dict, target: str)
     version = result["challenger"]
     if not result["promoted"]:
         return "rejected"
+    registry.add(bundle_dir, version)  # also refreshes a copy an older export left without a manifest
     if version == state.production:
-        registry.add(bundle_dir, version)  # refreshes a copy an older export left without a manifest
         result["reasons"].append(f"{version} is already in production: pointer unchanged")
         return "unchanged"
-    registry.add(bundle_dir, version)
     reason = "; ".join(result["reasons"])
     macro = result["checks"]["challenger_macro_f1"]
     if target == "candidate":
