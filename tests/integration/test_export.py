@@ -334,3 +334,71 @@ def test_multi_layer_embedding_exports_with_parity(tmp_path_factory):
     logits, graph_emb = onnx.outputs(test[:8], need_embeddings=True)
     np.testing.assert_allclose(graph_emb, emb, atol=1e-4)
     assert logits.shape == (8, len(torch_p.labels))
+
+
+def test_int8_graph_quantises_the_encoder_and_keeps_the_head_fp32(project):
+    """The quantisation route: MiniLM's weight MatMuls are int8 with 7-bit weights (no u8s8 saturation on
+    AVX2), while the head with its nearest-neighbour memory stays fp32."""
+    import onnx
+    from onnx import numpy_helper
+
+    root, cfg = project
+    model = onnx.load(str(root / cfg.paths.bundle_dir / "model.int8.onnx"))
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    integer = [n for n in model.graph.node if n.op_type == "MatMulInteger"]
+    assert len(integer) == 6 * 6  # per layer: query, key, value, attention output, intermediate, output
+    assert all(n.name.startswith("/bert/encoder/") for n in integer)
+    for n in integer:
+        w = weights[n.input[1]]
+        assert w.dtype == np.int8 and np.abs(w.astype(int)).max() <= 64  # reduce_range: 7-bit weights
+    # The linear layer (a Gemm the quantiser rewrites as MatMul + Add), and the memory's when it has one.
+    head = [n for n in model.graph.node if n.name.startswith("/head/") and n.op_type == "MatMul"]
+    assert "/head/layers/layers.1/Gemm_MatMul" in {n.name for n in head}
+    assert all(weights[i].dtype == np.float32 for n in head for i in n.input if i in weights)
+    assert not any(n.name.startswith("/head/") and "quant" in n.op_type.lower() for n in model.graph.node)
+    m = json.loads((root / cfg.paths.export_metrics).read_text())
+    assert m["int8"]["argmax_agreement_with_fp32"] == 1.0 and m["int8"]["max_abs_prob_diff_vs_fp32"] < 0.05
+
+
+def test_bundle_records_the_int8_check_inside_its_verified_content(project, tmp_path):
+    """bundle.json "variant_checks" (what serving reads) matches what export measured, and is sealed with it."""
+    from intentops.errors import UserError
+    from intentops.inference.bundle import verify_bundle
+
+    root, cfg = project
+    bundle = root / cfg.paths.bundle_dir
+    meta = json.loads((bundle / "bundle.json").read_text())
+    m = json.loads((root / cfg.paths.export_metrics).read_text())
+    check = meta["variant_checks"]["int8"]
+    assert check == {
+        "accuracy": m["int8"]["accuracy"],
+        "fp32_accuracy": m["fp32"]["accuracy"],
+        "drop_pt": round((m["fp32"]["accuracy"] - m["int8"]["accuracy"]) * 100, 2),
+        "max_drop_pt": cfg.export.max_int8_drop,
+        "fit": check["drop_pt"] <= cfg.export.max_int8_drop,
+    }
+    assert check["fit"] is True and cfg.export.max_int8_drop == 0.5
+    # Each graph's calibration report, and the int8 graph's under fp32's calibration (the check that it holds).
+    for report in (m["fp32"]["calibration"], m["int8"]["calibration"], m["int8"]["calibration_fp32"]):
+        assert 0 <= report["ece"] <= 1 and report["temperature"] > 0
+    # Editing the check after the fact is refused like any other change to the bundle.
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    meta["variant_checks"]["int8"]["drop_pt"] = 0.01
+    (copy / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n")
+    with pytest.raises(UserError, match="changed"):
+        verify_bundle(copy, expected_version=meta["version"])
+
+
+def test_max_int8_drop_marks_the_int8_graph_unfit(tmp_path_factory):
+    """export.max_int8_drop is the line: below any possible drop, the same graph is recorded unfit."""
+    from intentops.inference.bundle import verify_bundle
+    from intentops.stages import export
+
+    root = tmp_path_factory.mktemp("export-unfit") / "repo"
+    exported_project(tmp_path_factory, root)
+    cfg = set_params(root, ["export.max_int8_drop=-100"])
+    run_stage(export, root)
+    meta = verify_bundle(root / cfg.paths.bundle_dir)
+    check = meta["variant_checks"]["int8"]
+    assert check["max_drop_pt"] == -100.0 and check["fit"] is False and check["drop_pt"] > -100

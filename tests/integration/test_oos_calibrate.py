@@ -142,3 +142,21 @@ def test_exported_bundle_keeps_the_trained_oos_class(project):
     for r in out:
         if r["intent"] == "oos":  # only possible with the class; never served as an in-scope answer
             assert (r["out_of_scope"], r["reason"]) == (True, "out_of_distribution")
+    # The int8 graph keeps fp32's calibration when it holds for it on val (the check in metrics.json), else it
+    # has its own temperature and threshold, fitted on its val outputs for the same target; loading the int8
+    # variant applies what the bundle holds, and fp32 keeps the `calibrate` stage's either way.
+    metrics = json.loads((root / cfg.paths.export_metrics).read_text())["int8"]
+    check = metrics["calibration_check_val"]
+    assert 0 <= check["int8_under_fp32_on_val"]["oos_recall"] <= 1
+    int8 = Predictor.load(root / cfg.paths.bundle_dir, variant="int8")
+    own = (cal.get("variants") or {}).get("int8")
+    assert (own is None) == check["fp32_calibration_holds"], (own, check)
+    expected = own or {"temperature": cal["temperature"], "threshold": cal["ood"]["threshold"]}
+    assert int8.calibration["temperature"] == expected["temperature"] > 0
+    assert int8.calibration["ood"]["threshold"] == expected["threshold"]
+    assert (
+        bundle.calibration["ood"]["threshold"]
+        == json.loads((root / cfg.paths.calibration).read_text())["ood"]["threshold"]
+    )
+    report = metrics["calibration"]
+    assert report["temperature"] == round(expected["temperature"], 4) and 0 <= report["oos_recall"] <= 1

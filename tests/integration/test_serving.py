@@ -410,7 +410,6 @@ def oos_app(served, tmp_path_factory):
     from ray import serve
 
     from integration.test_export import exported_project
-    from intentops.api.service import IntentService
     from intentops.inference.bundle import seal
     from intentops.inference.ood import choose_threshold, energy_score
     from intentops.inference.predictor import Predictor
@@ -442,6 +441,19 @@ def oos_app(served, tmp_path_factory):
         "store": {"record_predictions": True, "db": str(served[1] / "queue.db")},
         "monitoring": {"enabled": False},
     }
+    deploy_oos(user_config)
+    try:
+        yield f"{served[0]}/oos", served[1] / "queue.db", bundle, user_config
+    finally:
+        serve.delete("oos")
+
+
+def deploy_oos(user_config: dict) -> None:
+    """Deploy (or reconfigure in place: Serve applies a changed user_config without a restart) the oos app."""
+    from ray import serve
+
+    from intentops.api.service import IntentService
+
     service = IntentService.options(
         name="IntentServiceOOS",
         user_config=user_config,
@@ -449,16 +461,12 @@ def oos_app(served, tmp_path_factory):
         logging_config={"encoding": "JSON", "enable_access_log": False},
     )
     serve.run(service.bind(), name="oos", route_prefix="/oos")
-    try:
-        yield f"{served[0]}/oos", served[1] / "queue.db"
-    finally:
-        serve.delete("oos")
 
 
 def test_out_of_scope_queries_are_flagged_with_a_reason_and_queued(oos_app):
     """An in-scope message is routed; a clearly out-of-domain one comes back out_of_scope and goes to the queue."""
 
-    url, db = oos_app
+    url, db, *_ = oos_app
     with httpx.Client(base_url=url, timeout=60) as c:
         card = c.get("/v1/model").json()
         r = c.post(
@@ -497,7 +505,7 @@ def test_a_failing_store_never_puts_the_text_in_a_log(oos_app):
     it, yet no log under Ray's session folder holds the text; once the lock is gone, the text is queued."""
     import ray
 
-    url, db = oos_app
+    url, db, *_ = oos_app
     marker = "what is the weather like in paris tomorrow zq7731"
     lock = sqlite3.connect(db, timeout=5)
     lock.execute("BEGIN EXCLUSIVE")
@@ -516,3 +524,28 @@ def test_a_failing_store_never_puts_the_text_in_a_log(oos_app):
     failures = [p for p in logs.rglob("*") if p.is_file() and b"unavailable" in p.read_bytes()]
     assert failures, "the writer logged the store failure"
     assert [p for p in logs.rglob("*") if p.is_file() and marker.encode() in p.read_bytes()] == []
+
+
+def test_an_unfit_int8_graph_is_served_as_fp32_unless_forced(oos_app):
+    """`variant: int8` on a bundle whose export marked int8 unfit: the replica serves fp32 and says so in
+    /v1/model and /readyz; `force_variant: true` serves int8. (Last in the module: it re-seals the bundle.)"""
+    from intentops.inference.bundle import BUNDLE_META, seal
+    from intentops.io import write_json
+
+    url, _, bundle, user_config = oos_app
+    meta = json.loads((bundle / BUNDLE_META).read_text())
+    assert "int8" in meta["variants"], meta  # export.quantize is on in the test project
+    check = {"accuracy": 0.5, "fp32_accuracy": 0.6, "drop_pt": 10.0, "max_drop_pt": 0.5, "fit": False}
+    write_json(bundle / BUNDLE_META, {**meta, "variant_checks": {"int8": check}})
+    seal(bundle)
+    with httpx.Client(base_url=url, timeout=60) as c:
+        deploy_oos({**user_config, "variant": "int8"})
+        variant = c.get("/v1/model").json()["variant"]
+        assert (variant["requested"], variant["served"]) == ("int8", "fp32")
+        assert "10.0 pt" in variant["reason"] and "max_int8_drop" in variant["reason"]
+        assert c.get("/readyz").json()["variant"] == variant
+        assert c.post("/v1/predict", json={"text": "my card was stolen"}).status_code == 200
+
+        deploy_oos({**user_config, "variant": "int8", "force_variant": True})
+        assert c.get("/v1/model").json()["variant"] == {"requested": "int8", "served": "int8", "reason": None}
+        assert c.post("/v1/predict", json={"text": "my card was stolen"}).status_code == 200

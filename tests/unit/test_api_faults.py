@@ -99,6 +99,34 @@ def test_the_canary_is_predicted_but_never_recorded():
     assert calls == [["health check"], ["real"]]  # never pooled with requests
 
 
+def test_a_batch_wait_pools_texts_that_arrive_within_it_and_a_full_call_does_not_wait():
+    """batching.batch_wait_timeout_s: single texts sent 10 ms apart share a call when the wait is 0.5 s; with
+    max_batch_size of them pending, the call starts at once (well before the wait is over)."""
+    calls: list[list[str]] = []
+    batcher = Batcher(lambda: "model", fake_call(calls))
+
+    async def trickle(n: int) -> float:
+        start = time.monotonic()
+        tasks = []
+        for i in range(n):
+            tasks.append(asyncio.ensure_future(batcher.predict([f"t{len(calls)}-{i}"])))
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        return time.monotonic() - start
+
+    batcher.configure(4, 0.5)
+    full = asyncio.run(trickle(4))
+    assert [len(c) for c in calls] == [4] and full < 0.4, (calls, full)
+    calls.clear()
+    batcher.configure(8, 0.5)
+    asyncio.run(trickle(3))
+    assert [len(c) for c in calls] == [3], calls  # not full: the three waited for each other
+    calls.clear()
+    batcher.configure(8, 0.0)
+    asyncio.run(trickle(3))
+    assert [len(c) for c in calls] == [1, 1, 1], calls  # no wait: each text is served as it comes
+
+
 def rows_for(texts: list[str], needs_review: bool = True) -> list[dict]:
     return [
         {
@@ -205,10 +233,11 @@ def test_readiness_says_what_works_and_what_does_not():
     slot = SimpleNamespace(current=None, failure=None)
     canary = Canary()
     assert readiness(slot, writer, canary, settings)[0] == 503
-    slot.current = SimpleNamespace(version="m-1")
+    variant = {"requested": "fp32", "served": "fp32", "reason": None}
+    slot.current = SimpleNamespace(version="m-1", variant=variant)
     assert readiness(slot, writer, canary, settings) == (
         200,
-        {"status": "ready", "model_version": "m-1", "store": None},
+        {"status": "ready", "model_version": "m-1", "variant": variant, "store": None},
     )
     writer.engine = object()
     writer.state.ok, writer.state.error, writer.state.since = (

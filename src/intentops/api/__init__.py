@@ -2,7 +2,7 @@
 
 schemas: request and response models, request checks, response rows. settings: the `serving` settings and the
 bundle they name. model: the loaded model, its slot (load, warm up, hot swap, pointer watch). batching: the
-group commit of texts into model calls. recorder: what a model call leaves behind (metrics, ledger, profiles).
+pooling of concurrent requests' texts into model calls. recorder: what a model call leaves behind (metrics, ledger, profiles).
 requestlog: the replica's JSON-lines request log. middleware: auth, request metrics and the log line per
 request. service: the FastAPI routes and the deployment that wires the rest together.
 """

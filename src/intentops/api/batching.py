@@ -1,4 +1,4 @@
-"""Texts of concurrent requests pooled into model calls: @serve.batch for single texts, then one runner task."""
+"""Texts of concurrent requests pooled into model calls by one runner task."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
-
-from ray import serve
 
 from intentops.api.model import LoadedModel
 
@@ -51,23 +49,22 @@ class Batcher:
     def __init__(self, model: Callable[[], LoadedModel | None], call: ModelCall) -> None:
         self._model, self._call = model, call
         self.max_batch_size = 32
+        self.wait_s = 0.0
         self.in_flight = 0  # predict requests being handled
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="infer")  # one model call at a time
         self._pending: deque[Pending] = deque()
+        self._pending_texts = 0
+        self._full: asyncio.Future | None = None  # a batch wait's: done when the pending texts fill a call
         self._runner: asyncio.Task | None = None
 
     def configure(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
-        self.max_batch_size = max_batch_size
-        self._one.set_max_batch_size(max_batch_size)
-        self._one.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        """Texts per model call, and how long a call waits for more texts when fewer are pending (s)."""
+        self.max_batch_size, self.wait_s = max_batch_size, batch_wait_timeout_s
 
     async def predict(self, texts: list[str]) -> list[Result]:
-        """(row, call facts) per text, in order."""
+        """(row, call facts) per text, in order; a list joins the next model call whole."""
         self.in_flight += 1
         try:
-            if len(texts) == 1:
-                return [await self._one(texts[0])]
-            # a list is a batch already: it joins the next model call whole, with whatever else is pending
             return await self._join(texts)
         finally:
             self.in_flight -= 1
@@ -76,19 +73,14 @@ class Batcher:
         """A prediction through the same queue, runner, model thread and model, recorded nowhere (canary)."""
         return await self._join([text], record=False)
 
-    # max_concurrent_batches > 1: Serve closes a batch after batch_wait_timeout_s even while the model is
-    # busy, so under load it forms many small batches; letting them all reach `_join` (instead of queueing
-    # on Serve's semaphore) lets the next model call take every text that arrived during the last one.
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=32)
-    async def _one(self, texts: list[str]) -> list[Result]:
-        """Single texts of concurrent requests, as Serve batched them."""
-        return await self._join(texts)
-
     async def _join(self, texts: list[str], record: bool = True) -> list[Result]:
         """Queue the texts, make sure the runner runs, and wait for this request's rows."""
         loop = asyncio.get_running_loop()
         item = Pending(texts, loop.create_future(), record)
         self._pending.append(item)
+        self._pending_texts += len(texts)
+        if self._pending_texts >= self.max_batch_size and self._full is not None:
+            settle(self._full)
         if self._runner is None or self._runner.done():
             self._runner = loop.create_task(self._run())
         return await item.future
@@ -103,6 +95,7 @@ class Batcher:
             if take and queue[0].record != take[0].record:
                 break
             item = queue.popleft()
+            self._pending_texts -= len(item.texts)
             if not item.future.done():
                 take.append(item)
                 n += len(item.texts)
@@ -111,6 +104,7 @@ class Batcher:
     async def _run(self) -> None:
         """Model calls until nothing is pending; whatever happens, every future it took is resolved."""
         while self._pending:
+            await self._wait_for_more()
             take = self._take()
             if not take:
                 continue
@@ -120,6 +114,17 @@ class Batcher:
                 for item in take:
                     settle(item.future, error=RuntimeError(f"model call interrupted: {err!r}"))
                 raise
+
+    async def _wait_for_more(self) -> None:
+        """With a batch wait: until a call's worth of texts is pending or the wait is over."""
+        if self.wait_s and self._pending_texts < self.max_batch_size:
+            self._full = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._full, self.wait_s)
+            except TimeoutError:
+                pass
+            finally:
+                self._full = None
 
     async def _serve(self, take: list[Pending]) -> None:
         """One call for every taken request; if it raises, one call per request, so only the one at fault fails."""

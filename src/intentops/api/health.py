@@ -73,6 +73,7 @@ def readiness(slot: ModelSlot, writer: LedgerWriter, canary: Canary, settings: d
         return 503, {"status": "unhealthy", "model_version": model.version, "reasons": [problem]}
     reasons = degraded_reasons(slot, writer)
     body: dict[str, Any] = {"status": "degraded" if reasons else "ready", "model_version": model.version}
+    body["variant"] = model.variant
     if reasons:
         body["reasons"] = reasons
     body["store"] = store_report(writer)

@@ -26,6 +26,8 @@ class LoadedModel:
     card: dict
     thresholds: dict
     labels: frozenset[str] = field(repr=False)
+    # The graph served, the one the settings asked for, and why they differ (None when they don't).
+    variant: dict = field(default_factory=lambda: {"requested": "fp32", "served": "fp32", "reason": None})
 
 
 def model_version(predictor: Predictor, bundle_dir: Path, registry_version: str | None) -> str:
@@ -88,11 +90,36 @@ def check_bundle(bundle_dir: Path, registry_version: str | None, allow_torch: bo
     return meta
 
 
+def served_variant(meta: Mapping[str, Any], requested: str, force: bool) -> dict:
+    """The graph to serve: `requested`, unless it is a quantized graph that `export` marked unfit or never
+    checked (bundle.json "variant_checks"), then fp32; `force` (serving.force_variant) serves it anyway."""
+    check = (meta.get("variant_checks") or {}).get(requested)
+    reason = None
+    if requested == "fp32" or force:
+        pass
+    elif check is None:
+        reason = f"the bundle records no accuracy check of its {requested} graph (exported before the check)"
+    elif not check.get("fit"):
+        reason = (
+            f"its {requested} graph loses {check['drop_pt']} pt of test accuracy against fp32, over "
+            f"export.max_int8_drop ({check['max_drop_pt']} pt)"
+        )
+    served = "fp32" if reason else requested
+    return {"requested": requested, "served": served, "reason": reason and f"serving fp32: {reason}"}
+
+
 def load_model(bundle_dir: Path, registry_version: str | None, settings: Mapping[str, Any]) -> LoadedModel:
     """Verify a bundle, load it as the settings say (threads, variant, review thresholds) and warm it up."""
-    check_bundle(bundle_dir, registry_version, settings["allow_torch_bundles"])
+    meta = check_bundle(bundle_dir, registry_version, settings["allow_torch_bundles"])
+    variant = served_variant(meta, settings["variant"], settings["force_variant"])
+    if variant["reason"]:
+        log.warning(
+            "%s (set serving.force_variant: true to serve it anyway)",
+            variant["reason"],
+            extra={"ray_serve_extra_fields": {"event": "variant_fallback", **variant}},
+        )
     threads = settings["num_threads"]
-    predictor = Predictor.load(bundle_dir, threads=threads, variant=settings["variant"])
+    predictor = Predictor.load(bundle_dir, threads=threads, variant=variant["served"])
     if predictor.meta.get("format") == "torch":
         import torch
 
@@ -109,6 +136,7 @@ def load_model(bundle_dir: Path, registry_version: str | None, settings: Mapping
         card=model_card(predictor),
         thresholds=thresholds,
         labels=frozenset(predictor.labels),
+        variant=variant,
     )
 
 
@@ -132,7 +160,15 @@ class ReloadFailure:
 
 
 # Settings that change what load_model builds from the same bundle folder.
-_RELOAD_KEYS = ("review", "variant", "num_threads", "allow_torch_bundles", "registry", "bundle")
+_RELOAD_KEYS = (
+    "review",
+    "variant",
+    "force_variant",
+    "num_threads",
+    "allow_torch_bundles",
+    "registry",
+    "bundle",
+)
 RETRY_MAX_S = 60.0
 
 
@@ -163,6 +199,11 @@ class ModelSlot:
         self._failing = Gauge(
             "intentops_model_reload_failing",
             description="1 while a model load keeps failing (retried), else 0.",
+        )
+        self._fallback = Gauge(
+            "intentops_variant_fallback",
+            description="1 while the replica serves fp32 although serving.variant asks for another graph.",
+            tag_keys=("requested",),
         )
 
     async def apply(self, settings: Mapping[str, Any], old: Mapping[str, Any]) -> None:
@@ -199,6 +240,9 @@ class ModelSlot:
                 self._failed(err, target, force)
                 return False
             previous, self.current = self.current, model  # the swap: new requests see the new model from here
+            self._fallback.set(
+                1 if model.variant["reason"] else 0, tags={"requested": model.variant["requested"]}
+            )
             self._failed(None, target, force)
             self._reloads.inc(tags={"outcome": "ok"})
             log.info(

@@ -230,6 +230,7 @@ class IntentService:
             "bundle": str(m.bundle_dir),
             "labels": sorted(m.labels),
             "thresholds": m.thresholds,
+            "variant": m.variant,
             "card": m.card,
             "reload": self.slot.failure.report() if self.slot.failure else None,
         }

@@ -132,7 +132,7 @@ def check_settings(s: Mapping[str, Any]) -> None:
             where=_WHERE,
             fix="fp32 (the exported graph) or int8 (its dynamic int8 copy, export.quantize=true)",
         )
-    for key in ("allow_torch_bundles", "cluster"):
+    for key in ("allow_torch_bundles", "cluster", "force_variant"):
         if not isinstance(s[key], bool):
             raise UserError(
                 f"serving.{key} must be true or false, got {s[key]!r}", where=_WHERE, fix="fix it"

@@ -188,6 +188,79 @@ def choose_threshold(
     return float(sign * (np.nextafter(sorted_s[i], np.inf)))
 
 
+def fit_threshold(
+    val_logits: np.ndarray,
+    val_y: np.ndarray,
+    ood: dict,
+    temperature: float,
+    target: dict[str, float],
+    oos_index: int | None = None,
+    val_emb: np.ndarray | None = None,
+) -> float:
+    """The out-of-scope threshold that meets `target` on val under `temperature` (see `choose_threshold`).
+
+    Args:
+        val_logits: (n, k) raw logits; val_y: (n,) label ids, −1 for out-of-scope rows.
+        ood: {"method", "higher_is_ood"[, "k", "stats"]}: the score to threshold.
+        oos_index: the logit column of a trained out-of-scope class; its top-1s are flagged whatever the
+            score, and the score is computed over the other columns (as `postprocess` does).
+        val_emb: (n, d) sentence embeddings, for "mahalanobis" and "knn".
+    """
+    val_oos = val_y < 0
+    in_scope = val_logits if oos_index is None else np.delete(val_logits, oos_index, axis=1)
+    scores = ood_scores(in_scope, ood, temperature, val_emb)
+    pred = softmax(val_logits, temperature).argmax(axis=1)
+    correct = (pred == val_y) & ~val_oos
+    flagged = pred == oos_index if oos_index is not None else None
+    return choose_threshold(scores, val_oos, correct, ood["higher_is_ood"], target, flagged)
+
+
+def refit_calibration(
+    calibration: dict, val_logits: np.ndarray, val_y: np.ndarray, val_emb: np.ndarray | None = None
+) -> dict:
+    """The temperature and out-of-scope threshold of `calibration` fitted again, on another graph's val outputs.
+
+    For a variant of the same model (the int8 graph): same method, target, statistics and review thresholds as
+    the fp32 fit, so only what depends on the logits' scale moves. A temperature of exactly 1 was not fitted
+    (`calibrate.fit_temperature=false`, or no `calibrate` stage) and stays 1; a threshold without a target was
+    not fitted either and stays as it is.
+
+    Args:
+        calibration: `load_calibration(...)` of the fp32 graph (arrays under ood.stats for embedding methods).
+        val_logits, val_y, val_emb: the variant's val logits (n, k), label ids (n,) (−1 out-of-scope) and,
+            for embedding methods, its sentence embeddings (n, d).
+
+    Returns:
+        What was fitted, of {"temperature", "threshold"} ({} for nothing, or no val rows): what
+        `variant_calibration` applies over `calibration`.
+    """
+    if not len(val_y):
+        return {}
+    out = {}
+    temperature = float(calibration.get("temperature", 1.0))
+    known = val_y >= 0
+    if temperature != 1.0 and known.any():
+        temperature = out["temperature"] = fit_temperature(val_logits[known], val_y[known])
+    ood = calibration.get("ood") or {}
+    if ood.get("method") and ood.get("target"):
+        out["threshold"] = fit_threshold(
+            val_logits, val_y, ood, temperature, ood["target"], calibration.get("oos_index"), val_emb
+        )
+    return out
+
+
+def variant_calibration(calibration: dict, variant: str | None) -> dict:
+    """`calibration` for one graph of the bundle: its "variants" entry's temperature and threshold (export fits
+    them for the int8 graph) over the fp32 graph's; without an entry (fp32, older bundles), the fp32 one."""
+    own = (calibration.get("variants") or {}).get(variant) or {} if variant else {}
+    out = {k: v for k, v in calibration.items() if k != "variants"}
+    if "temperature" in own:
+        out["temperature"] = float(own["temperature"])
+    if own.get("threshold") is not None and out.get("ood"):
+        out["ood"] = {**out["ood"], "threshold": float(own["threshold"])}
+    return out
+
+
 # --- detection and selective-prediction metrics -------------------------------------------------------------
 def detection_metrics(
     scores: np.ndarray, positive: np.ndarray, higher_is_positive: bool, tpr_level: float = 0.95

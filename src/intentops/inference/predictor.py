@@ -29,7 +29,13 @@ import numpy as np
 
 from intentops.errors import UserError
 from intentops.inference import bundle as layout
-from intentops.inference.ood import EMBEDDING_METHODS, load_calibration, postprocess, softmax
+from intentops.inference.ood import (
+    EMBEDDING_METHODS,
+    load_calibration,
+    postprocess,
+    softmax,
+    variant_calibration,
+)
 
 ORT_THREADS_ENV = "INTENTOPS_ORT_THREADS"
 
@@ -161,10 +167,14 @@ def prediction_row(proba: list[float], top: list[int], reason: str | None, label
     }
 
 
-def read_calibration(bundle_dir: Path) -> dict:
-    """The bundle's calibration.json (+ its out-of-scope statistics) in `ood.postprocess`'s shape; {} if none."""
+def read_calibration(bundle_dir: Path, variant: str | None = None) -> dict:
+    """The bundle's calibration.json (+ its out-of-scope statistics) in `ood.postprocess`'s shape; {} if none.
+
+    `variant` (an ONNX bundle's graph, e.g. "int8") gets the temperature and threshold export fitted on that
+    graph's own outputs, where calibration.json has them ("variants"); otherwise the fp32 graph's.
+    """
     path = bundle_dir / layout.CALIBRATION_FILE
-    return load_calibration(path) if path.is_file() else {}
+    return variant_calibration(load_calibration(path), variant) if path.is_file() else {}
 
 
 class TorchPredictor(Predictor):
@@ -316,7 +326,8 @@ class OnnxPredictor(Predictor):
         variant: str | None = None,
         intra_op_num_threads: int | None = None,
     ) -> OnnxPredictor:
-        """Load an ONNX bundle; `variant` picks a graph from bundle.json "variants" (e.g. "int8").
+        """Load an ONNX bundle; `variant` picks a graph from bundle.json "variants" (e.g. "int8") and that
+        graph's calibration (`read_calibration`).
 
         Threads: the argument, else $INTENTOPS_ORT_THREADS, else the bundle's setting, else every core.
         """
@@ -339,7 +350,7 @@ class OnnxPredictor(Predictor):
             vectorizer,
             layout.read_json_file(bundle_dir / layout.LABELS_FILE),
             meta,
-            read_calibration(bundle_dir),
+            read_calibration(bundle_dir, variant),
             layout.read_json_file(bundle_dir / layout.CARD_FILE),
         )
 

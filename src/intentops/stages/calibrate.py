@@ -20,12 +20,11 @@ from intentops.inference.ood import (
     EMBEDDING_METHODS,
     HIGHER_IS_OOD,
     METHODS,
-    choose_threshold,
     detection_metrics,
     detection_score,
     fit_mahalanobis,
     fit_temperature,
-    ood_scores,
+    fit_threshold,
     postprocess,
     risk_coverage,
     roc_points,
@@ -142,14 +141,9 @@ def fit_calibration(
         "k": int(cfg.get("k", 10)),
         "stats": stats,
     }
-    val_in_scope = val_logits if oos_index is None else np.delete(val_logits, oos_index, axis=1)
-    val_scores = ood_scores(val_in_scope, ood, temperature, val_emb)
-    val_pred = softmax(val_logits, temperature).argmax(axis=1)
-    val_correct = (val_pred == val_y) & ~val_oos
-    val_flagged = val_pred == oos_index if oos_index is not None else None
     # Out-of-scope rows in val: meet the recall target; none (Banking77): meet the in-scope target instead.
     target = dict(cfg["target"] if val_oos.any() else cfg["target_without_oos"])
-    threshold = choose_threshold(val_scores, val_oos, val_correct, ood["higher_is_ood"], target, val_flagged)
+    threshold = fit_threshold(val_logits, val_y, ood, temperature, target, oos_index, val_emb)
     ood.update(threshold=threshold, target=target)
     review = {k: float(cfg["review"][k]) for k in ("min_confidence", "min_margin")}
     calibration = {
