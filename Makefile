@@ -48,7 +48,7 @@ serve: $(STAMP) ## Serve the production model on 127.0.0.1:8000 (Ray Serve, fore
 	$(BIN)/intentops db upgrade
 	$(BIN)/serve run serving/config.yaml
 
-serve-load: $(STAMP) ## Load-test the API on loopback, 3 runs (~6 min); one JSON line of medians and spreads (benchmarks/serve_load.py)
+serve-load: $(STAMP) ## Load-test the API on loopback, 3 runs (~8 min); one JSON line of medians and spreads (benchmarks/serve_load.py)
 	$(BIN)/python benchmarks/serve_load.py --repeat 3
 
 drift-check: $(STAMP) ## Compare the latest serving profiles with the reference (exit 0 no drift, 10 drift, 2 error)
