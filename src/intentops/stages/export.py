@@ -370,15 +370,6 @@ def calibration_report(logits: np.ndarray, y: np.ndarray, calibration: dict, n_b
     }
 
 
-def calibrate_variant(predictor: OnnxPredictor, texts: list[str], y: np.ndarray, batch_size: int) -> dict:
-    """The temperature and threshold of the bundle's calibration fitted again on this graph's val outputs
-    (`ood.refit_calibration`); {} when the bundle's calibration has nothing fitted."""
-    calibration = predictor.calibration
-    need = (calibration.get("ood") or {}).get("method") in EMBEDDING_METHODS
-    logits, emb = predictor.outputs(texts, need, batch_size=batch_size)
-    return refit_calibration(calibration, logits, y, emb)
-
-
 # How far the int8 graph may sit from the fp32 graph, on val, under fp32's calibration, for that calibration to
 # still hold for it: ECE at most this much higher; coverage and OOS recall within this much (1 pt).
 CALIBRATION_HOLDS_WITHIN = 0.01
@@ -402,19 +393,25 @@ def int8_calibration(
 ) -> tuple[dict, dict]:
     """The int8 graph's own temperature and threshold, unless fp32's hold for it on val; with the val check.
 
+    The int8 graph's val outputs are computed once, for the check and for the refit.
+
     Returns:
-        ({} when fp32's calibration holds (serving applies it), else `calibrate_variant`'s refit, the check:
-        both graphs' val reports under fp32's calibration and whether it holds).
+        ({} when fp32's calibration holds (serving applies it) or there is no val, else `ood.refit_calibration`
+        on the int8 graph's val outputs; the check: both graphs' val reports under fp32's calibration and
+        whether it holds ({} without val)).
     """
     if not len(val_texts):
-        return calibrate_variant(int8, val_texts, val_y, batch_size), {}
+        return {}, {}
+    need = (int8.calibration.get("ood") or {}).get("method") in EMBEDDING_METHODS
+    int8_logits, int8_emb = int8.outputs(val_texts, need, batch_size=batch_size)
+    fp32_logits = fp32.logits(val_texts, batch_size=batch_size)
     fp32_val, int8_val = (
-        calibration_report(g.logits(val_texts, batch_size=batch_size), val_y, fp32.calibration, ece_bins)
-        for g in (fp32, int8)
+        calibration_report(logits, val_y, fp32.calibration, ece_bins) for logits in (fp32_logits, int8_logits)
     )
     holds = fp32_calibration_holds(fp32_val, int8_val)
     check = {"fp32_on_val": fp32_val, "int8_under_fp32_on_val": int8_val, "fp32_calibration_holds": holds}
-    return ({} if holds else calibrate_variant(int8, val_texts, val_y, batch_size)), check
+    own = {} if holds else refit_calibration(int8.calibration, int8_logits, val_y, int8_emb)
+    return own, check
 
 
 def finish_bundle(
