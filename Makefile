@@ -28,10 +28,12 @@ venv: $(STAMP) ## Create or refresh .venv from requirements.lock
 
 run: $(STAMP) ## Run the pipeline (dvc repro) on the default data; INTENTOPS_DATA_MIRROR=dir uses a local mirror
 	@test -d .dvc || $(BIN)/dvc init -q
+	$(BIN)/intentops labels restore
 	$(BIN)/dvc repro
 
 exp: $(STAMP) ## dvc exp run with Hydra overrides from $OVERRIDES, e.g. OVERRIDES="-S model.lr=3e-3" make exp
 	@test -d .dvc || $(BIN)/dvc init -q
+	$(BIN)/intentops labels restore
 	$(BIN)/dvc exp run $$OVERRIDES
 
 GATE ?= reports/promote/gate.json
@@ -51,7 +53,7 @@ serve: $(STAMP) ## Serve the production model on 127.0.0.1:8000 (Ray Serve, fore
 serve-load: $(STAMP) ## Load-test the API on loopback, 3 runs (~8 min); one JSON line of medians and spreads (benchmarks/serve_load.py)
 	$(BIN)/python benchmarks/serve_load.py --repeat 3
 
-drift-check: $(STAMP) ## Compare the latest serving profiles with the reference (exit 0 no drift, 10 drift, 2 error)
+drift-check: $(STAMP) ## Drift tests and estimated accuracy of the latest serving windows (exit 0 none, 10 drift, 13 accuracy drop, 2 error)
 	$(BIN)/intentops drift-check
 
 LOOP_ARGS ?=

@@ -27,6 +27,12 @@ thread holding the GIL only) and adds its top frames. key=value pairs override s
 batching.max_batch_size=16). RAY_SERVE_* variables in the environment reach every Ray process, so they apply
 to echo and live alike (`ray_serve_env`); RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD defaults to 0, as
 serving/config.yaml deploys it. `variant` and its test accuracy (from the bundle's card) say which graph was served.
+
+`--shadow RATE` measures the shadow challenger instead (serving.shadow, intentops.api.shadow): the bundle is
+registered in a throwaway registry as production, a copy of it (same graph, resealed under another version: the
+same cost as a real challenger) is staged as the candidate, and one live deployment is load-tested at c32
+`--repeat` times with shadow off and on alternately (reconfigured in place): `shadow` gives the replica's CPU
+ms per request each way (median, [min, max], every run), the added share, and the shadow rows stored.
 """
 
 import argparse
@@ -448,6 +454,113 @@ def median_of(runs: list):
     return first
 
 
+# --- shadow challenger -------------------------------------------------------------------------------------------
+def shadow_registry(bundle_dir: Path, dest: Path) -> tuple[str, str]:
+    """A registry at `dest` with the bundle in production and a resealed copy staged as the candidate."""
+    import shutil
+
+    from intentops.inference import bundle as layout
+    from intentops.inference.registry import Registry
+
+    registry = Registry.at(dest)
+    champion = layout.verify_bundle(bundle_dir)["version"]
+    registry.add(bundle_dir, champion)
+    registry.set_production(champion, "promote", "the benchmark champion")
+    copy = dest.parent / "challenger"
+    shutil.copytree(bundle_dir, copy)
+    cal = copy / layout.CALIBRATION_FILE  # the same calibration in other bytes: another content version
+    cal.write_text(json.dumps(json.loads(cal.read_text()), indent=3) + "\n\n")
+    challenger = layout.seal(copy)
+    registry.stage(copy, challenger, "benchmark challenger")
+    return champion, challenger
+
+
+def shadow_rows(db: Path) -> int:
+    from intentops.feedback import store
+
+    engine = store.make_engine(f"sqlite:///{db}")
+    try:
+        return len(store.table_rows(engine, store.shadow_scores))
+    finally:
+        engine.dispose()
+
+
+def shadow_summary(off: list[dict], on: list[dict]) -> dict:
+    """Replica CPU ms per request at c32 with shadow off and on: medians, spreads, the added share."""
+    rep = lambda runs: [r["cpu_ms_per_req"]["replica"] for r in runs]  # noqa: E731
+    out = {}
+    for name, runs in (("off", off), ("on", on)):
+        cpu = rep(runs)
+        out[name] = {
+            "replica_cpu_ms_per_req": round(statistics.median(cpu), 3),
+            "spread": [min(cpu), max(cpu)],
+            "runs": cpu,
+            "c32_rps": round(statistics.median(r["rps"] for r in runs), 1),
+            "c32_p50_ms": round(statistics.median(r["p50_ms"] for r in runs), 2),
+            "errors": sum(r["errors"] for r in runs),
+        }
+    base = out["off"]["replica_cpu_ms_per_req"]
+    out["added_pct"] = round(100 * (out["on"]["replica_cpu_ms_per_req"] - base) / base, 2)
+    return out
+
+
+def run_shadow(ctx: dict, rate: float, repeat: int) -> dict:
+    """c32 on the live API, shadow off and on alternately `repeat` times each, on one fresh local Ray."""
+    import ray
+    from ray import serve
+
+    from intentops.api.service import IntentService
+    from intentops.feedback import store
+
+    n = ctx["n"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="intentops-shadow-") as tmp:
+        db = Path(tmp) / "queue.db"
+        engine = store.make_engine(f"sqlite:///{db}")
+        store.upgrade(engine)
+        engine.dispose()
+        champion, challenger = shadow_registry(ctx["bundle_dir"], Path(tmp) / "registry")
+        base = ctx["user_config"]
+        config = {
+            **base,
+            "bundle": "production",
+            "registry": str(Path(tmp) / "registry"),
+            "bundle_cache": str(Path(tmp) / "cache"),
+            "store": {**base["store"], "db": str(db)},
+            "monitoring": {**base["monitoring"], "profiles": str(Path(tmp) / "profiles")},
+        }
+        out: dict = {"load_avg_1m_before": round(os.getloadavg()[0], 2), "rate": rate}
+        runs: dict[str, list] = {"off": [], "on": []}
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            logging_config = {"encoding": "JSON", "enable_access_log": False}
+            for i in range(2 * repeat):
+                mode = ("off", "on")[i % 2]
+                shadow = {**base["shadow"], "enabled": mode == "on", "sample": rate}
+                service = IntentService.options(user_config={**config, "shadow": shadow})
+                serve.run(
+                    service.options(logging_config=logging_config).bind(), name="intentops", route_prefix="/"
+                )
+                time.sleep(SETTLE_S if i else 2 * SETTLE_S)  # reconfigured in place; the candidate loads
+                rows_before = shadow_rows(db)
+                runs[mode].append(asyncio.run(load(f"http://127.0.0.1:{port}/v1/predict", 32, n(2000), 40)))
+                time.sleep(2 * base["shadow"]["flush_s"] + 0.5)  # the last scores reach the store
+                runs[mode][-1]["shadow_rows"] = shadow_rows(db) - rows_before
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    out |= shadow_summary(runs["off"], runs["on"])
+    out["shadow_rows_per_request_on"] = round(
+        sum(r["shadow_rows"] for r in runs["on"]) / max(1, sum(r["requests"] for r in runs["on"])), 4
+    )
+    out["shadow_rows_off"] = sum(r["shadow_rows"] for r in runs["off"])
+    out["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
+    return {"champion": champion, "challenger": challenger, **out}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -461,6 +574,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="complete runs; figures are their medians")
     parser.add_argument(
         "--profile", type=Path, default=None, help="py-spy the replica under c32 load into this folder"
+    )
+    parser.add_argument(
+        "--shadow",
+        type=float,
+        default=None,
+        metavar="RATE",
+        help="measure the shadow challenger at this sample rate instead: replica CPU/request at c32, shadow "
+        "off vs on, --repeat times each",
     )
     parser.add_argument("overrides", nargs="*", help="serving user_config overrides, key=value")
     args = parser.parse_args()
@@ -487,6 +608,9 @@ def main() -> None:
     # As serving/config.yaml deploys the API; set here, so Ray's processes run echo and live alike with it.
     os.environ.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
     ctx = {"user_config": user_config, "bundle_dir": bundle_dir, "n": lambda k: max(1, int(k * args.scale))}
+    if args.shadow is not None:
+        print(json.dumps({"bundle": str(bundle_dir), "shadow": run_shadow(ctx, args.shadow, args.repeat)}))
+        return
     runs = [run_once(ctx, args.profile if i == 0 else None) for i in range(args.repeat)]
     out = {
         "bundle": str(bundle_dir.relative_to(ROOT) if bundle_dir.is_relative_to(ROOT) else bundle_dir),

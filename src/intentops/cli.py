@@ -26,8 +26,10 @@ def build_parser() -> argparse.ArgumentParser:  # long: one declaration per subc
 
     p = sub.add_parser(
         "drift-check",
-        help="compare the latest profile windows with the reference; exit 0 = no drift, 10 = drift, 2 = error; "
-        "with --retrain: 0 = no drift or a new model promoted, 11 = too few new labels, 12 = not promoted",
+        help="compare the latest profile windows with the reference and estimate their accuracy without labels; "
+        "exit 0 = nothing triggered, 10 = feature drift, 13 = estimated accuracy dropped more than "
+        "monitor.performance.max_drop (no feature drift), 2 = error; with --retrain: 0 = nothing triggered or "
+        "a new model promoted, 11 = too few new labels, 12 = not promoted",
     )
     p.add_argument("--reference", help="reference profile (default: paths.monitoring_reference)")
     p.add_argument(
@@ -37,12 +39,15 @@ def build_parser() -> argparse.ArgumentParser:  # long: one declaration per subc
         "--last-n", type=int, help="how many latest windows to merge (default: monitor.drift.last_n)"
     )
     p.add_argument(
-        "--dispatch", action="store_true", help="on drift, send the drift-detected repository_dispatch"
+        "--dispatch",
+        action="store_true",
+        help="on drift or an accuracy drop, send the drift-detected repository_dispatch",
     )
     p.add_argument(
         "--retrain",
         action="store_true",
-        help="on drift with at least monitor.retrain.min_new_labels new reviewed labels: export them, "
+        help="on drift or an accuracy drop, with at least monitor.retrain.min_new_labels new reviewed labels: "
+        "export them, "
         "dvc repro, gate, promote (and with --serve-url wait for the hot swap)",
     )
     p.add_argument(
@@ -71,6 +76,25 @@ def build_parser() -> argparse.ArgumentParser:  # long: one declaration per subc
     e = label_sub.add_parser("export", help="write the resolved labels as CSV (paths.feedback_labels)")
     e.add_argument("--out", help="CSV path (default: paths.feedback_labels)")
     e.set_defaults(func=_label_export)
+
+    p = sub.add_parser(
+        "labels", help="the reviewed labels' DVC pointer: publish (exit 11 = too few new), restore, receive"
+    )
+    labels_sub = p.add_subparsers(dest="labels_command", required=True)
+    labels_sub.add_parser(
+        "publish",
+        help="check monitor.retrain.min_new_labels (exit 11 below it), export, dvc add, dvc push when a "
+        "remote is configured; prints the pointer as JSON",
+    ).set_defaults(func=_labels, action="publish")
+    labels_sub.add_parser(
+        "restore",
+        help="bring back a missing paths.feedback_labels: header-only when its pointer names that, else dvc pull",
+    ).set_defaults(func=_labels, action="restore")
+    labels_sub.add_parser(
+        "receive",
+        help="CI (retrain.yml): write the pointer from $LABELS_POINTER, pull it, count the new labels; sets "
+        "the step output retrain=true/false",
+    ).set_defaults(func=_labels, action="receive")
 
     p = sub.add_parser("db", help="feedback database administration")
     db_sub = p.add_subparsers(dest="db_command", required=True)
@@ -114,6 +138,17 @@ def build_parser() -> argparse.ArgumentParser:  # long: one declaration per subc
     r.add_argument("--reason", default="promoted by hand")
     _registry_option(r)
     r.set_defaults(func=_registry_promote)
+    p = sub.add_parser("shadow", help="the shadow challenger's live figures (serving.shadow)")
+    shadow_sub = p.add_subparsers(dest="shadow_command", required=True)
+    r = shadow_sub.add_parser(
+        "report",
+        help="print as JSON the figures of a (champion, challenger) pair: rows, agreement, confidences, "
+        "challenger latency, accuracy on labelled texts (default pair: production and the candidate)",
+    )
+    r.add_argument("--champion", help="the champion version (default: the registry's production)")
+    r.add_argument("--challenger", help="the challenger version (default: the registry's candidate)")
+    _registry_option(r)
+    r.set_defaults(func=_shadow_report)
     p = sub.add_parser(
         "deploy-config",
         help="write serving/cluster.yaml and deploy/rayservice.yaml's serveConfigV2 from serving/config.yaml "
@@ -185,6 +220,15 @@ def _label_export(args: argparse.Namespace) -> None:
     from intentops.feedback.label import main_export
 
     main_export(load_params(), args.out)
+
+
+def _labels(args: argparse.Namespace) -> None:
+    from intentops.config import load_params
+    from intentops.feedback import publish
+
+    {"publish": publish.main_publish, "restore": publish.main_restore, "receive": publish.main_receive}[
+        args.action
+    ](load_params())
 
 
 def _db_upgrade(args: argparse.Namespace) -> None:
@@ -267,8 +311,50 @@ def _registry_promote(args: argparse.Namespace) -> None:
     if args.gate:
         version, reason = _gate_version(args.gate, args.version)
     before = registry.production()
+    _shadow_gate(args, before, version or registry.state().candidate)
     event = registry.promote(version, reason)
     print(f"production: {before} -> {event['version']} (event {event['seq']})")
+
+
+def _optional_params():
+    """params.yaml when there is one (promote also runs with --registry alone, e.g. from a CI checkout)."""
+    from intentops.config import PARAMS_ENV, load_params
+
+    path = os.environ.get(PARAMS_ENV) or "params.yaml"
+    return load_params(path) if os.path.isfile(path) else None
+
+
+def _shadow_gate(args: argparse.Namespace, champion: str | None, challenger: str | None) -> None:
+    """The shadow figures of (production, the version to promote), written beside the gate; promote.shadow."""
+    from pathlib import Path
+
+    from intentops.feedback import shadow
+
+    params = _optional_params()
+    gate_file = args.gate or (
+        params.paths.promote_gate if params is not None else "reports/promote/gate.json"
+    )
+    if champion and challenger and champion != challenger:
+        shadow.gate(params, champion, challenger, Path(gate_file).with_name("shadow.json"))
+
+
+def _shadow_report(args: argparse.Namespace) -> None:
+    import json
+
+    from intentops.feedback import shadow
+
+    champion, challenger = args.champion, args.challenger
+    if not (champion and challenger):
+        state = _registry(args).state()
+        champion, challenger = champion or state.production, challenger or state.candidate
+    empty = {"champion": champion, "challenger": challenger, "rows": 0}
+    if not (champion and challenger):
+        print(
+            json.dumps({**empty, "note": "no (production, candidate) pair: stage a candidate or name both"})
+        )
+        return
+    figs = shadow.pair_figures(_optional_params(), champion, challenger)
+    print(json.dumps(figs or {**empty, "note": "no store to read (paths.feedback_db or $INTENTOPS_DB_URL)"}))
 
 
 def _gate_version(gate_file: str, version: str | None) -> tuple[str, str]:

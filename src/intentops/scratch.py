@@ -18,7 +18,8 @@ from pathlib import Path
 from intentops.config import load_params, repo_root, write_params
 from intentops.errors import UserError
 
-# The pipeline's code and config; its inputs (paths.external_dir, paths.feedback_labels) are added from params.
+# The pipeline's code and config; its inputs (paths.external_dir, paths.feedback_labels with its DVC pointer and
+# .gitignore) are added from params.
 CODE_ITEMS = ("conf", "src", "dvc.yaml", "serving", ".gitignore")
 GIT = ["git", "-c", "user.name=intentops-scratch", "-c", "user.email=scratch@localhost"]
 
@@ -41,6 +42,8 @@ def create_project(
 
     A new project gets everything committed (`dvc exp run` needs a commit). An existing one (a benchmark's
     kept work dir) gets fresh code and config and recomposed params; its data, outputs and cache stay.
+    The reviewed labels are copied from `root`'s workspace (restored from their pointer when missing there,
+    e.g. a fresh clone) and `dvc add`-ed, so the project's pointer and cache hold them as in production.
 
     Args:
         dest: the project folder; created when missing.
@@ -54,17 +57,28 @@ def create_project(
     fresh = not (dest / ".dvc").is_dir()
     copy_items(root, dest, CODE_ITEMS)
     paths = load_params(write_project_params(dest, overrides)).paths
-    copy_items(root, dest, (paths.external_dir, paths.feedback_labels))
+    labels = Path(paths.feedback_labels)
+    copy_items(root, dest, (paths.external_dir, labels, f"{labels}.dvc", labels.parent / ".gitignore"))
     if fresh:
         _run(["git", "init", "-q"], dest, env)
         _run(["dvc", "init", "-q"], dest, env)
         shutil.copy2(root / ".dvc" / "config", dest / ".dvc" / "config")
     if cache_dir is not None:
         _run(["dvc", "cache", "dir", "--local", str(Path(cache_dir).resolve())], dest, env)
+    add_labels(dest, labels, env)
     if fresh:
         _run([*GIT, "add", "-A"], dest, env)
         _run([*GIT, "commit", "-qm", "scratch project"], dest, env)
     return dest
+
+
+def add_labels(dest: Path, labels: Path, env: Mapping[str, str]) -> None:
+    """Restore a labels file the source workspace lacked (header-only or the error saying what to do), then
+    `dvc add` it: the project's pointer names what was copied, and its cache holds it. The restore runs as
+    the CLI: scratch sits below intentops.feedback in the layers."""
+    if not (dest / labels).is_file():
+        _run(["intentops", "labels", "restore"], dest, env)
+    _run(["dvc", "add", "-q", str(labels)], dest, env)
 
 
 def copy_items(root: Path, dest: Path, items: Sequence[str]) -> None:

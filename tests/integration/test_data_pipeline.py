@@ -15,7 +15,6 @@ from intentops.config import PARAMS_ENV, load_params
 from intentops.data.sources import MIRROR_ENV
 from intentops.scratch import write_project_params
 from support import (
-    ROOT,
     fixture_overrides,
     fixture_rows,
     free_port,
@@ -300,7 +299,9 @@ def test_bad_input_is_reported_clearly(project, tmp_path, case):
 
 
 def feedback_csv(rows: list[tuple[str, str]]) -> str:
-    header = (ROOT / paths_of(ROOT).feedback_labels).read_text().splitlines()[0]
+    from intentops.feedback.label import EXPORT_COLUMNS
+
+    header = ",".join(EXPORT_COLUMNS)  # labels.csv's header (a fresh clone has only its pointer, no file)
     return "\n".join([header, *(f'"{t}",{lb}' + "," * (header.count(",") - 1) for t, lb in rows)]) + "\n"
 
 

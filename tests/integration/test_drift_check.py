@@ -159,7 +159,38 @@ def test_retrain_without_drift_does_nothing_and_with_too_few_labels_explains(pro
 
 
 def test_dispatch_on_drift_sends_the_repository_dispatch(project, monkeypatch):
-    """--dispatch posts `drift-detected` to the GitHub API (here a local server that answers like GitHub)."""
+    """--dispatch publishes the reviewed labels (export + dvc add, here without a remote) and posts
+    `drift-detected` with their DVC pointer to the GitHub API (here a local server that answers like GitHub)."""
+    from intentops.feedback import store
+
+    params = OmegaConf.load("params.yaml")
+    params.monitor.retrain.min_new_labels, params.feedback.label.min_annotators = 2, 1
+    OmegaConf.save(params, "params.yaml")
+    labels = sorted({lb for _, lb in fixture_rows()[0]})
+    Path(params.paths.taxonomy).parent.mkdir(parents=True, exist_ok=True)
+    Path(params.paths.taxonomy).write_text(json.dumps({"labels": labels}))
+    engine = store.engine_from_params(params)
+    store.upgrade(engine)
+    store.enqueue(
+        engine,
+        [
+            {
+                "prediction_id": f"p{i}",
+                "text": f"reviewed message {i}",
+                "model_version": "v1",
+                "suggested_intent": labels[0],
+                "top_k": [],
+                "confidence": 0.3,
+                "reason": "low_confidence",
+                "created_at": store.now_utc(),
+            }
+            for i in range(3)
+        ],
+    )
+    for i in range(3):
+        store.add_annotation(engine, f"p{i}", "ann", labels[i])
+    engine.dispose()
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "--no-scm", "-q"], check=True)
     received: list[dict] = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -189,3 +220,116 @@ def test_dispatch_on_drift_sends_the_repository_dispatch(project, monkeypatch):
     assert request["path"] == "/repos/acme/intentops/dispatches"
     assert request["body"]["event_type"] == "drift-detected"
     assert "length_chars" in request["body"]["client_payload"]["drifted_features"]
+    pointer = (Path(f"{params.paths.feedback_labels}.dvc")).read_text()
+    sent = request["body"]["client_payload"]["labels"]
+    assert f"md5: {sent['md5']}" in pointer and f"size: {sent['size']}" in pointer
+    assert sent["new_labels"] == sent["rows"] == 3
+
+
+def predictions_for(
+    rows: list[tuple[str, str]], seed: int, ood_share: float = 0.05, novel: float = 0.0
+) -> list:
+    """Predictor-shaped outputs on labelled rows: calibrated (right with probability = confidence), `ood_share`
+    of in-distribution rows flagged out_of_distribution; a `novel` share of rows answered as if their intent were
+    unknown to the model (wrong, lower confidence, mostly flagged)."""
+    rng = random.Random(seed)
+    labels = sorted({lb for _, lb in rows})
+    out = []
+    for _, label in rows:
+        if rng.random() < novel:
+            conf, reason, right = (
+                rng.uniform(0.3, 0.7),
+                "out_of_distribution" if rng.random() < 0.8 else None,
+                False,
+            )
+        else:
+            conf = rng.uniform(0.85, 1.0)
+            reason = "out_of_distribution" if rng.random() < ood_share else None
+            right = rng.random() < (0.6 if reason else conf)
+        intent = label if right else rng.choice([lb for lb in labels if lb != label])
+        out.append({"intent": intent, "confidence": conf, "reason": reason, "label": label})
+    return out
+
+
+def write_model_reference(n: int = 2000) -> None:
+    """A reference profile with a model's outputs and the val statistics, as the profile stage writes them."""
+    from intentops.monitor.profiles import (
+        PERFORMANCE_KEY,
+        put_atomic,
+        reference_profile,
+        url_to_fs,
+        val_performance,
+        with_metadata,
+    )
+
+    train, test = fixture_rows()
+    rng = random.Random(0)
+    val = [rng.choice(test) for _ in range(n)]
+    preds = predictions_for(val, seed=1)
+    _, view = reference_profile([t for t, _ in train], [t for t, _ in val], 2, preds)
+    stats = val_performance(preds, [lb for _, lb in val])
+    view = with_metadata(view, {PERFORMANCE_KEY: json.dumps(stats)})
+    fs, root = url_to_fs(paths().monitoring_reference)
+    put_atomic(fs, root, view.serialize())
+
+
+def write_served(n: int, seed: int, version: str, **shift) -> None:
+    """Windows of served rows (features of texts and predictions, model version and variant as serving tags them)."""
+    rng = random.Random(seed)
+    _, test = fixture_rows()
+    rows = [rng.choice(test) for _ in range(n)]
+    preds = predictions_for(rows, seed=seed, **shift)
+    vocab = read_vocab(paths().monitoring_vocab)
+    with ProfileWindowWriter(paths().monitoring_profiles, max_rows=1000) as writer:
+        writer.log(
+            utterance_features([t for t, _ in rows], vocab, preds),
+            {"model_version": version, "variant": "fp32"},
+        )
+
+
+def drift_check(*args: str) -> tuple[int, dict]:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["drift-check", *args])
+        raise SystemExit(0)
+    return exc.value.code, json.loads(Path(paths().drift_report).read_text())
+
+
+def test_estimated_accuracy_per_window_and_its_trigger(project, capsys):
+    """Same traffic: exit 0 and an estimate near val's. More rows flagged out-of-distribution than val (a change
+    below min_effect for the drift test): exit 13. Held-out-intent-like traffic: feature drift (exit 10) and the
+    estimate drops too."""
+    from intentops.monitor.drift import PERFORMANCE_EXIT_CODE
+
+    write_model_reference()
+    write_served(2000, seed=2, version="m-1")
+    code, report = drift_check("--last-n", "2")
+    perf = report["performance"]
+    assert code == 0 and not perf["triggered"]
+    ref = perf["reference"]
+    assert ref["estimated_accuracy"] == pytest.approx(ref["labelled_accuracy"], abs=1e-9)
+    assert abs(perf["current"]["estimated_accuracy"] - ref["estimated_accuracy"]) < 0.03
+    assert [w["window"] for w in perf["windows"]] == report["windows"]
+    assert all(
+        w["model_version"] == "m-1" and w["variant"] == "fp32" and w["rows"] == 1000 for w in perf["windows"]
+    )
+    assert perf["windows"][0]["end"] <= perf["windows"][1]["start"]
+    assert all(w["low"] <= w["estimated_accuracy"] <= w["high"] for w in perf["windows"])
+    assert Path(paths().performance_plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Estimated accuracy" in Path(paths().drift_html).read_text()
+    assert "intentops_estimated_accuracy{model_version=m-1}" in capsys.readouterr().out
+
+    write_served(2000, seed=3, version="m-1", ood_share=0.12)
+    code, report = drift_check("--last-n", "2")
+    assert code == PERFORMANCE_EXIT_CODE == 13, report["features"]["review_reason"]
+    assert report["drift"] is False and report["performance"]["triggered"]
+    reason = report["features"]["review_reason"]
+    assert (
+        reason["value"] < 0.01 and reason["effect"] < reason["min_effect"]
+    )  # significant, too small for drift
+    assert "estimated accuracy" in capsys.readouterr().err
+
+    write_served(2000, seed=4, version="m-1", novel=0.6)
+    code, report = drift_check("--last-n", "2")
+    perf = report["performance"]
+    assert code == DRIFT_EXIT_CODE and {"confidence", "review_reason"} <= set(report["drifted_features"])
+    assert perf["triggered"] and perf["drop"] > 0.25

@@ -37,16 +37,26 @@ def test_loop_on_fixture_data_detects_drift_retrains_and_swaps(tmp_path, mirror,
         pool_per_intent=20,
         overrides=overrides,
         window_rows=50,
-        replay_repeats=8,
+        in_windows=2,
+        shifted_windows=8,
+        shadow_sample=1.0,
         oracle=True,
     )
     result = run_loop(tmp_path / "work", cfg, str(mirror_dir), ROOT, Progress())
 
-    assert result["drift_exit_code"] == 10 and result["drifted_features"]
+    assert result["drift_shifted"]["exit_code"] in (10, 13)
     assert result["annotation"]["labelled_per_intent"]["pin_blocked"] >= 5
+    # Half the held-out items were corrected through POST /v1/feedback; those corrections reached labels.csv.
+    assert result["annotation"]["api_corrections_sent"] >= 2
+    assert result["api_corrections_exported"] == result["annotation"]["api_corrections_sent"]
+    # Every replayed window has an estimate and an actual accuracy; the shifted ones lost accuracy.
+    assert len(result["windows"]) == 10 and result["actual_drop_shifted"] > 0
+    assert result["estimated_drop_shifted"] > 0
     retrain = result["retrain"]
-    assert retrain["new_labels"] >= 5 and retrain["production_after"] != retrain["production_before"]
-    assert result["model_after"] == retrain["production_after"] != result["model_before"]
+    assert retrain["new_labels"] >= 5 and retrain["candidate"] != retrain["production_before"]
+    # The candidate ran in shadow before it was promoted; the app then swapped to it.
+    assert result["shadow"]["rows"] > 0 and 0.0 <= result["shadow_agreement"] <= 1.0
+    assert result["model_after"] == retrain["candidate"] != result["model_before"]
     # Only what the new labels touch reruns; the feedback rows are in train, the test split is unchanged.
     assert {"ingest", "split", "train", "export", "promote", "profile"} <= set(result["after_stages"]["ran"])
     assert result["acc_before_heldout"] == 0.0 and result["acc_after_heldout"] > 0.5

@@ -100,12 +100,6 @@ def served(tmp_path_factory):
         ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def client(served):
-    with httpx.Client(base_url=served[0], timeout=30) as c:
-        yield c
-
-
 def predict(client, body, headers=AUTH):
     return client.post("/v1/predict", json=body, headers=headers)
 

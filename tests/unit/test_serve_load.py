@@ -67,3 +67,17 @@ def test_replica_overhead_is_live_minus_echo_minus_model_cpu():
     )  # c1 p50 - echo c1 p50 - raw single at the replica's threads
     assert out["list32_vs_raw"] == 0.9 and out["list32_vs_raw_best"] == round(225 / 400, 3)
     assert out["ratio_c32_vs_ceiling"] == round(90 / (1 / (1 / 200 + 1 / 400)), 3)
+
+
+def test_shadow_summary_compares_median_replica_cpu_with_shadow_on_and_off():
+    from serve_load import shadow_summary
+
+    def phase(replica_ms, rps=100.0):
+        return {"cpu_ms_per_req": {"replica": replica_ms}, "rps": rps, "p50_ms": 10.0, "errors": 0}
+
+    off = [phase(10.0), phase(12.0), phase(11.0)]
+    on = [phase(11.5), phase(11.0), phase(13.0)]
+    out = shadow_summary(off, on)
+    assert out["off"]["replica_cpu_ms_per_req"] == 11.0 and out["off"]["spread"] == [10.0, 12.0]
+    assert out["on"]["replica_cpu_ms_per_req"] == 11.5 and out["on"]["runs"] == [11.5, 11.0, 13.0]
+    assert out["added_pct"] == round(100 * (11.5 - 11.0) / 11.0, 2)

@@ -310,7 +310,35 @@ def test_the_retrain_pull_request_stages_a_candidate_and_carries_no_model() -> N
     (pr,) = [
         step for step in steps.values() if step.get("uses", "").startswith("peter-evans/create-pull-request@")
     ]
-    assert pr["with"]["add-paths"].split() == ["dvc.lock", "params.yaml", "reports/promote/gate.json"]
+    assert pr["with"]["add-paths"].split() == [
+        "dvc.lock",
+        "params.yaml",
+        "reports/promote/gate.json",
+        "data/feedback/labels.csv.dvc",  # the reviewed labels' DVC pointer, never labels.csv itself
+    ]
+
+
+def test_retrain_receives_the_labels_pointer_safely_and_stops_green_on_too_few() -> None:
+    """The dispatch's labels pointer reaches one step through `env` only; every later step is skipped when
+    that step says too few new labels; no step can reach the review-queue database."""
+    workflow = _load(ROOT / ".github" / "workflows" / "retrain.yml")
+    steps = workflow["jobs"]["retrain"]["steps"]
+    (i, receive), *_ = [(i, s) for i, s in enumerate(steps) if s.get("id") == "labels"]
+    assert receive["if"] == "${{ github.event_name == 'repository_dispatch' }}"
+    assert receive["env"]["LABELS_POINTER"] == "${{ toJSON(github.event.client_payload.labels) }}"
+    assert receive["run"] == ".venv/bin/intentops labels receive"
+    pulls = [j for j, s in enumerate(steps) if s.get("run") == ".venv/bin/dvc pull --allow-missing"]
+    assert pulls and pulls[0] < i, "HEAD's labels are pulled before the new pointer is compared with them"
+    later = [s for s in steps[i + 1 :] if "peter-evans/create-pull-request" not in s.get("uses", "")]
+    unguarded = [
+        s.get("name") for s in later if "steps.labels.outputs.retrain != 'false'" not in s.get("if", "")
+    ]
+    assert not unguarded, f"steps that would run after too few new labels: {unguarded}"
+    text = (ROOT / ".github" / "workflows" / "retrain.yml").read_text()
+    assert "github.event.client_payload" not in "".join(s.get("run", "") for s in steps)
+    assert "INTENTOPS_DB_URL" not in text and not re.search(
+        r"secrets\.(\w*_)?(DB|DATABASE|PG|POSTGRES)", text
+    )
 
 
 def test_the_credential_checks_reject_what_they_should() -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -21,21 +23,54 @@ ROUTES = frozenset({"/v1/predict", "/v1/feedback", "/v1/model", "/docs", "/opena
 REQUEST_ID_HEADER = b"x-request-id"
 
 
-def api_key_ok(headers: Sequence[tuple[bytes, bytes]], keys: str) -> bool:
-    """True when the ASGI headers carry one of `keys` as X-API-Key or `Authorization: Bearer <key>`.
+# `name=key`: a client's name, then its key; the name is what its /v1/feedback votes are recorded under.
+_CLIENT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+# The client of a request when no key is checked (serving.auth off, or no key set).
+ANONYMOUS = "anonymous"
 
-    `keys` is comma-separated, so a rotation can accept the old and the new key for a while.
+
+def parse_keys(spec: str) -> list[tuple[str, bytes]]:
+    """(client name, key) per comma-separated entry of $INTENTOPS_API_KEY.
+
+    An entry is `name=key` (name: a letter, then letters, digits, `_.-`) or a plain key, whose client name is
+    `key-` + the first 8 hex digits of its sha256 (the key itself is never recorded). A plain key with `=` in it
+    (base64 padding) stays a plain key: only a valid name before the first `=` and a key that is not all `=`
+    make a named entry. Several entries may share a name (a rotation).
     """
-    wanted = [k.strip().encode() for k in keys.split(",") if k.strip()]
+    keys = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if not entry:
+            continue
+        name, sep, key = entry.partition("=")
+        if sep and _CLIENT_NAME.fullmatch(name) and key.strip("="):
+            keys.append((name, key.encode()))
+            keys.append((name, entry.encode()))  # the whole entry works too: tools that send it as is
+        else:
+            keys.append((f"key-{hashlib.sha256(entry.encode()).hexdigest()[:8]}", entry.encode()))
+    return keys
+
+
+def api_client(headers: Sequence[tuple[bytes, bytes]], keys: Sequence[tuple[str, bytes]]) -> str | None:
+    """The client name of the key the ASGI headers carry (X-API-Key or `Authorization: Bearer <key>`), or None."""
+    found = None
     for name, value in headers:
         if name == b"authorization" and value[:7].lower() == b"bearer ":
             value = value[7:].strip()
         elif name != b"x-api-key":
             continue
         # compare_digest against every key, so timing says nothing about which one matched
-        if sum(hmac.compare_digest(value, w) for w in wanted):
-            return True
-    return False
+        for client, key in keys:
+            if hmac.compare_digest(value, key):
+                found = client
+    return found
+
+
+def api_key_ok(headers: Sequence[tuple[bytes, bytes]], keys: str) -> bool:
+    """True when the ASGI headers carry one of `keys` (see parse_keys) as X-API-Key or `Authorization: Bearer <key>`.
+
+    `keys` is comma-separated, so a rotation can accept the old and the new key for a while.
+    """
+    return api_client(headers, parse_keys(keys)) is not None
 
 
 def request_id(headers: Sequence[tuple[bytes, bytes]]) -> str:
@@ -61,10 +96,12 @@ class Policy:
 
     max_bytes: int = 1_000_000
     api_keys: str | None = None
+    keys: list[tuple[str, bytes]] = []  # parsed api_keys: (client name, key)
 
     def configure(self, max_bytes: int, auth: str) -> None:
         self.max_bytes = max_bytes
         self.api_keys = None if auth == "off" else os.environ.get(API_KEY_ENV) or None
+        self.keys = parse_keys(self.api_keys or "")
 
 
 def too_large(limit: int, where: str) -> JSONResponse:
@@ -119,8 +156,8 @@ UNAUTHORIZED = {
 class Guard:
     """401 without the API key (when $INTENTOPS_API_KEY is set and serving.auth is not off; OPEN_PATHS excepted), then one JSON log line.
 
-    The route finds `scope["intentops"]` (status, request_id) and adds what the log line should say about the
-    model call.
+    The route finds `scope["intentops"]` (status, request_id, client: the name of the API key's client, or
+    `anonymous` when no key is checked) and adds what the log line should say about the model call.
 
     Args:
         asgi_app: the app inside.
@@ -161,8 +198,9 @@ class Guard:
 
         self.in_flight += 1
         try:
-            keys = self.policy.api_keys
-            if keys and path not in OPEN_PATHS and not api_key_ok(scope["headers"], keys):
+            keys = self.policy.keys
+            info["client"] = api_client(scope["headers"], keys) if keys else ANONYMOUS
+            if keys and path not in OPEN_PATHS and info["client"] is None:
                 await JSONResponse(UNAUTHORIZED, status_code=401, headers={"WWW-Authenticate": "Bearer"})(
                     scope, receive, send_status
                 )

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from intentops.api.settings import resolve_bundle, watched_registry
+from intentops.api.settings import registry_of, resolve_bundle, watched_registry
 from intentops.inference.predictor import Predictor
 
 log = logging.getLogger("ray.serve")  # Serve's replica log (JSON lines with encoding: JSON)
@@ -138,6 +138,17 @@ def load_model(bundle_dir: Path, registry_version: str | None, settings: Mapping
         labels=frozenset(predictor.labels),
         variant=variant,
     )
+
+
+def candidate_of(settings: Mapping[str, Any], root: Path) -> str | None:
+    """The version the settings' registry stages as the candidate (None: none, or it is in production)."""
+    return registry_of(settings, root).state().candidate
+
+
+def load_candidate(version: str, settings: Mapping[str, Any], root: Path) -> LoadedModel:
+    """The registry's candidate, fetched (verified in the bundle cache) and loaded as the champion is."""
+    bundle_dir = registry_of(settings, root).fetch(version, settings["bundle_cache"]).resolve()
+    return load_model(bundle_dir, version, settings)
 
 
 @dataclass

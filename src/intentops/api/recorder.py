@@ -18,43 +18,71 @@ from intentops.feedback import ledger
 
 log = logging.getLogger("ray.serve")
 
-Batch = tuple[list[str], list[dict]]  # (texts, API rows) of one model call
+Batch = tuple[list[str], list[dict], str | None]  # (texts, API rows, served variant) of one model call
 
 
 class ProfileSink:
     """whylogs profiles of the served texts' features (never the text), built off the request path.
 
     The model thread appends each call's texts and rows; a timer takes them, profiles their features in an I/O
-    thread and closes a window when it is due.
+    thread and closes a window when it is due. Each window is tagged with the model version and served variant
+    of its rows; when one closes, the gauge `intentops_estimated_accuracy` (tag model_version) gets its
+    label-free accuracy estimate (monitor/performance.py, with the val statistics stored in vocab.json).
     """
 
     def __init__(self) -> None:
         self.writer: Any = None
         self.vocab: frozenset[str] | None = None
+        self.performance: dict | None = None  # val statistics of the accuracy estimate (from vocab.json)
+        self.gauge: Any = None
         self._pending: deque[Batch] = deque()  # appended by the model thread
 
-    def add(self, texts: list[str], rows: list[dict]) -> None:
+    def add(self, texts: list[str], rows: list[dict], variant: str | None = None) -> None:
         if self.writer is not None:
-            self._pending.append((texts, rows))
+            self._pending.append((texts, rows, variant))
 
     def open(self, monitoring: Mapping[str, Any], root: Path) -> None:
         """Write what the old window holds, then profile to `monitoring` (serving.monitoring), if enabled."""
-        from intentops.monitor.profiles import ProfileWindowWriter, read_vocab
+        from intentops.monitor.profiles import ProfileWindowWriter, read_performance_stats, read_vocab
 
         self.flush_pending()
         m = monitoring
         self.writer = self.vocab = None
         if not m["enabled"]:
             return
+        vocab = m["vocab"] if "://" in m["vocab"] else str(root / m["vocab"])
         try:
-            self.vocab = read_vocab(m["vocab"] if "://" in m["vocab"] else str(root / m["vocab"]))
+            self.vocab = read_vocab(vocab)
         except UserError as err:
             log.warning("monitoring profiles off: %s", err.render())
             return
+        self.performance = read_performance_stats(vocab)
         profiles = m["profiles"] if "://" in m["profiles"] else str(root / m["profiles"])
         self.writer = ProfileWindowWriter(
-            profiles, max_rows=m["window_max_rows"], max_seconds=m["window_max_seconds"]
+            profiles,
+            max_rows=m["window_max_rows"],
+            max_seconds=m["window_max_seconds"],
+            on_close=self.window_closed,
         )
+
+    def window_closed(self, path: str, view: Any) -> None:
+        """Set the estimated-accuracy gauge from the window just written."""
+        from intentops.monitor.performance import estimate_view
+
+        est = estimate_view(view, self.performance)
+        if est is None:
+            return
+        if self.gauge is None:
+            from ray.serve.metrics import Gauge
+
+            self.gauge = Gauge(
+                "intentops_estimated_accuracy",
+                description="Label-free accuracy estimate of the last closed profile window.",
+                tag_keys=("model_version",),
+            )
+        version = (view.metadata or {}).get("model_version") or "unknown"
+        self.gauge.set(est["estimated_accuracy"], tags={"model_version": version})
+        log.info("window %s: estimated accuracy %.4f (%s)", path, est["estimated_accuracy"], est["method"])
 
     def take(self) -> list[Batch]:
         pending, queue = [], self._pending
@@ -68,15 +96,18 @@ class ProfileSink:
 
         if self.writer is None:
             return
-        texts = [t for batch, _ in pending for t in batch]
-        preds = [
-            {"intent": r["intent"], "confidence": r["confidence"], "top_k": ledger.store_top_k(r)}
-            for _, rows in pending
-            for r in rows
-        ]
         try:
-            if texts:
-                self.writer.log(utterance_features(texts, self.vocab, preds))
+            for meta, texts, rows in _by_model(pending):
+                preds = [
+                    {
+                        "intent": r["intent"],
+                        "confidence": r["confidence"],
+                        "top_k": ledger.store_top_k(r),
+                        "reason": r.get("reason"),
+                    }
+                    for r in rows
+                ]
+                self.writer.log(utterance_features(texts, self.vocab, preds), meta)
             self.writer.roll_if_due()
         except Exception as err:  # monitoring must never take the API down
             log.error("profile window write failed: %s", err)
@@ -94,6 +125,19 @@ class ProfileSink:
         self.flush_pending()
         if self.writer is not None:
             self.writer.flush()
+
+
+def _by_model(pending: list[Batch]) -> list[tuple[dict, list[str], list[dict]]]:
+    """Consecutive batches grouped by (model_version, variant): a window holds one model's rows."""
+    groups: list[tuple[dict, list[str], list[dict]]] = []
+    for texts, rows, variant in pending:
+        for text, row in zip(texts, rows, strict=True):
+            meta = {"model_version": row.get("model_version"), "variant": variant}
+            if not groups or groups[-1][0] != meta:
+                groups.append((meta, [], []))
+            groups[-1][1].append(text)
+            groups[-1][2].append(row)
+    return groups
 
 
 class Recorder:
@@ -141,6 +185,7 @@ class Recorder:
             w.engine.dispose()
         w.engine = None
         w.max_rows, w.flush_s, w.retry_max_s = s["buffer_max_rows"], s["flush_s"], s["retry_max_s"]
+        w.audit_share = s["audit_share"]
         if not s["record_predictions"]:
             return
         engine = store.engine_from_params(params, root / s["db"], timeout_s=s["timeout_s"])
@@ -166,7 +211,7 @@ class Recorder:
         t1, cpu1 = time.perf_counter(), time.thread_time()
         if record:
             self._observe(model.version, rows)
-            self.profiles.add(texts, rows)
+            self.profiles.add(texts, rows, model.variant.get("served"))
             if self.writer.engine is not None:
                 self.writer.add(texts, rows)
         t2 = time.perf_counter()

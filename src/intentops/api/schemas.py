@@ -74,17 +74,34 @@ class PredictResponse(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
-    """A correction for a prediction the API returned; `feedback_id` makes a retry store nothing twice."""
+    """A correction for a prediction the API returned; `feedback_id` makes a retry store nothing twice.
+
+    Who corrected is the API key's client (middleware.parse_keys), never `annotator`: that field is accepted for
+    compatibility and stored as a note. `text` (the customer's message) is accepted only when
+    serving.feedback.accept_text is on, for a prediction whose text the queue does not hold.
+    """
 
     model_config = ConfigDict(extra="forbid")
     prediction_id: str = Field(min_length=1, max_length=128)
     label: str = Field(min_length=1, max_length=128)
-    annotator: str = Field(default="api", min_length=1, max_length=128)
-    feedback_id: str | None = Field(default=None, min_length=1, max_length=128)
+    annotator: str = Field(
+        default="api",
+        min_length=1,
+        max_length=128,
+        description="a note only: the vote is recorded under the API key's client",
+    )
+    feedback_id: str | None = Field(
+        default=None, min_length=1, max_length=128, description="idempotency key, unique per client"
+    )
+    text: str | None = Field(
+        default=None,
+        min_length=1,
+        description="the message that was classified, to queue it for labelling (serving.feedback.accept_text)",
+    )
 
     # mode="before": pydantic's own length check cannot read a lone surrogate and would answer "unable to
     # parse raw data as a unicode string"; checked first, the 422 names the field and the character.
-    @field_validator("prediction_id", "label", "annotator", "feedback_id", mode="before")
+    @field_validator("prediction_id", "label", "annotator", "feedback_id", "text", mode="before")
     @classmethod
     def _follows_text_rules(cls, value: Any, info: ValidationInfo) -> Any:
         """The text rules of intentops.data.text (a non-string is left to the type check)."""
@@ -98,6 +115,39 @@ class FeedbackResponse(BaseModel):
     prediction_id: str
     label: str
     stored: bool = Field(description="false when the same feedback was already stored (an idempotent retry)")
+    client: str = Field(
+        description="who the correction is recorded under: the API key's client, not `annotator`"
+    )
+    vote: bool = Field(
+        description="it is a labelling vote `api:<client>`: the prediction's text is in the review queue"
+    )
+    text_queued: bool = Field(
+        description="the request's `text` joined the review queue (reason `correction`)"
+    )
+
+
+def feedback_text(req: FeedbackRequest, accept_text: bool, max_chars: int) -> str | None:
+    """The correction's `text` when one is sent and allowed (serving.feedback.accept_text), else a RequestError:
+    422 when texts are not accepted or the text is blank, 413 when it is longer than serving.max_text_chars."""
+    if req.text is None:
+        return None
+    if not accept_text:
+        raise RequestError(
+            422,
+            "this deployment does not accept texts with corrections",
+            where="request body: text (serving.feedback.accept_text is false)",
+            fix="send the correction without `text`, or have the operator set serving.feedback.accept_text: true",
+        )
+    if len(req.text) > max_chars:
+        raise RequestError(
+            413,
+            f"text of {len(req.text)} characters; the limit is {max_chars}",
+            where="request body: text",
+            fix=f"send at most {max_chars} characters (what was sent to /v1/predict)",
+        )
+    if req.text.isspace():
+        raise RequestError(422, "empty text", where="request body: text", fix="send the customer's message")
+    return req.text
 
 
 def request_texts(req: PredictRequest, max_texts: int, max_chars: int) -> list[str]:

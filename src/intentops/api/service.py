@@ -36,6 +36,7 @@ from intentops.api.schemas import (
     validation_error_body,
 )
 from intentops.api.settings import load_settings, project_root
+from intentops.api.shadow import ShadowScorer
 from intentops.api.writer import error_text
 
 api = FastAPI(title="intentops", summary="Banking77 intent classification", docs_url=None, openapi_url=None)
@@ -93,6 +94,8 @@ class IntentService:
         self.recorder = Recorder()
         self.batcher = Batcher(lambda: self.slot.current, self._model_call)
         self.canary = Canary()
+        # The registry's candidate on a sample of answered texts, in its own thread (intentops.api.shadow).
+        self.shadow = ShadowScorer(self.root, lambda: self.settings, self._run_io)
         self._tasks: list[asyncio.Task] = []
 
     async def reconfigure(self, user_config: dict | None) -> None:
@@ -108,6 +111,7 @@ class IntentService:
         if settings["monitoring"] != old.get("monitoring"):
             await self._run_io(self.recorder.profiles.open, settings["monitoring"], self.root)
         await self.slot.apply(settings, old)
+        self.shadow.configure(settings["shadow"])
         self._start_tasks()
 
     async def reload(self, force: bool = False) -> bool:
@@ -130,6 +134,7 @@ class IntentService:
                 loop.create_task(
                     self.canary.run(lambda: self.batcher.probe(CANARY_TEXT), lambda: self.settings)
                 ),
+                loop.create_task(self.shadow.run(lambda: self.recorder.writer.engine, self._run_store)),
             ]
 
     async def _flush_request_log(self) -> None:
@@ -159,6 +164,7 @@ class IntentService:
         texts = request_texts(body, s["max_texts"], s["max_text_chars"])
         results = await self.batcher.predict(texts)
         rows = [r for r, _ in results]
+        self.shadow.offer(texts, rows)  # a sample joins the challenger's queue; the rows are not changed
         call = max((c for _, c in results), key=lambda c: c["batch_size"])
         version = rows[0]["model_version"]
         info = request.scope.get("intentops")
@@ -173,14 +179,19 @@ class IntentService:
         "/v1/feedback",
         response_model=FeedbackResponse,
         status_code=201,
-        responses={404: {}, 422: {}, 503: {}},
+        responses={404: {}, 409: {}, 413: {}, 422: {}, 503: {}},
     )
-    async def feedback(self, body: FeedbackRequest) -> JSONResponse:
-        """Store a corrected label for a prediction id this API returned (idempotent with `feedback_id`).
+    async def feedback(self, body: FeedbackRequest, request: Request) -> JSONResponse:
+        """Store a corrected label for a prediction id this API returned (idempotent per client with `feedback_id`).
 
-        An id still in the write buffer (the store was slow or down) is written first; while the store
-        cannot take it the answer is 503 with Retry-After, and the id is kept.
+        The correction is recorded under the API key's client (middleware.Guard), not the `annotator` field; for
+        a prediction whose text is queued it is that client's labelling vote. An id still in the write buffer
+        (the store was slow or down) is written first; while the store cannot take it the answer is 503 with
+        Retry-After, and the id is kept.
         """
+        from intentops.api.middleware import ANONYMOUS
+        from intentops.api.schemas import feedback_text
+
         if body.label not in self.slot.current.labels:
             raise RequestError(
                 422,
@@ -188,6 +199,9 @@ class IntentService:
                 where="request body: label",
                 fix="use one of the intents listed by GET /v1/model",
             )
+        s = self.settings
+        text = feedback_text(body, s["feedback"]["accept_text"], s["max_text_chars"])
+        client = (request.scope.get("intentops") or {}).get("client") or ANONYMOUS
         writer = self.recorder.writer
         if writer.engine is None:
             raise RequestError(
@@ -199,27 +213,47 @@ class IntentService:
         if writer.is_buffered(body.prediction_id) and not await writer.write_now(self._run_store):
             raise store_unavailable(writer.state.error, "the prediction is buffered, not stored yet")
         try:
-            stored = await self._run_store(self._add_feedback, writer.engine, body)
+            result = await self._run_store(self._add_feedback, writer.engine, body, client, text)
         except RequestError:
             raise
         except Exception as err:
             raise store_unavailable(error_text(err), "the feedback store did not answer") from err
-        return JSONResponse(
-            {"prediction_id": body.prediction_id, "label": body.label, "stored": stored}, status_code=201
-        )
+        answer = {"prediction_id": body.prediction_id, "label": body.label, "client": client, **result}
+        return JSONResponse(answer, status_code=201)
 
     @staticmethod
-    def _add_feedback(engine: Any, body: FeedbackRequest) -> bool:
+    def _add_feedback(engine: Any, body: FeedbackRequest, client: str, text: str | None) -> dict:
+        """ledger.record_correction, its unknown id a 404 and a reused feedback_id a 409."""
         from intentops.feedback import ledger, store
 
-        if not ledger.known(engine, body.prediction_id):
+        try:
+            result = ledger.record_correction(
+                engine,
+                body.prediction_id,
+                body.label,
+                client,
+                feedback_id=body.feedback_id,
+                annotator=body.annotator,
+                text=text,
+            )
+        except store.FeedbackConflict as err:
+            held = err.stored
+            raise RequestError(
+                409,
+                f"feedback_id {held['feedback_id']!r} of client {client!r} already holds label "
+                f"{held['label']!r} for prediction {held['prediction_id']!r}",
+                where="request body: feedback_id",
+                fix="a retry must repeat the stored correction; send a new feedback_id for a new correction "
+                "(a client's latest correction of a prediction is its vote)",
+            ) from err
+        if result is None:
             raise RequestError(
                 404,
                 f"unknown prediction id {body.prediction_id!r}",
                 where="request body: prediction_id",
                 fix="send a prediction_id returned by POST /v1/predict",
             )
-        return store.add_feedback(engine, body.prediction_id, body.label, body.annotator, body.feedback_id)
+        return result
 
     @api.get("/v1/model")
     async def model_info(self) -> dict:
@@ -256,9 +290,12 @@ class IntentService:
         return get_swagger_ui_html(openapi_url="/openapi.json", title="intentops API")
 
     def __del__(self) -> None:
-        """Serve's graceful shutdown (and a redeploy): write the buffered predictions, logs and profiles."""
+        """Serve's graceful shutdown (and a redeploy): write the buffered predictions, shadow scores, logs, profiles."""
         request_log.flush()
         self.recorder.writer.flush(deadline_s=self.settings.get("store", {}).get("timeout_s", 2.0) * 4)
+        engine = self.recorder.writer.engine
+        if engine is not None:  # shadow scores still buffered (at most flush_s worth)
+            self.shadow.write_some(engine)
         self.recorder.profiles.close()
 
 

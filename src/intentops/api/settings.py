@@ -37,6 +37,7 @@ def load_settings(root: Path, user_config: Mapping[str, Any] | None) -> tuple[di
         merge_settings(OmegaConf.to_container(params.serving, resolve=True), user_config)
     )
     check_settings(settings)
+    check_shadow(settings)
     check_deployment(settings)
     return settings, params
 
@@ -150,6 +151,54 @@ def check_settings(s: Mapping[str, Any]) -> None:
         "health.canary_timeout_s",
     )
     check_numbers(s, timeouts, 0.001)
+    check_feedback_settings(s)
+
+
+def check_feedback_settings(s: Mapping[str, Any]) -> None:
+    """Refuse a bad audit share (a share of predictions, 0-1) or a non-boolean feedback.accept_text."""
+    share = s["store"]["audit_share"]
+    if not isinstance(share, int | float) or isinstance(share, bool) or not 0 <= share <= 1:
+        raise UserError(
+            f"serving.store.audit_share must be a number from 0 to 1, got {share!r}",
+            where=_WHERE,
+            fix="e.g. 0.01 keeps 1 % of texts for audit labelling; 0 turns it off",
+        )
+    if not isinstance(s["feedback"]["accept_text"], bool):
+        raise UserError(
+            f"serving.feedback.accept_text must be true or false, got {s['feedback']['accept_text']!r}",
+            where=_WHERE,
+            fix="fix it",
+        )
+
+
+def check_shadow(s: Mapping[str, Any]) -> None:
+    """Refuse `serving.shadow` settings that cannot work (the shadow challenger, intentops.api.shadow)."""
+    sh = s["shadow"]
+    if not isinstance(sh["enabled"], bool):
+        raise UserError(
+            f"serving.shadow.enabled must be true or false, got {sh['enabled']!r}", where=_WHERE, fix="fix it"
+        )
+    rate = sh["sample"]
+    if not isinstance(rate, int | float) or isinstance(rate, bool) or not 0 < rate <= 1:
+        raise UserError(
+            f"serving.shadow.sample must be a share of texts in (0, 1], got {rate!r}",
+            where=_WHERE,
+            fix="e.g. 0.05 (5 % of texts); turn the shadow off with shadow.enabled: false",
+        )
+    for key in ("queue_max", "batch_size"):
+        if not isinstance(sh[key], int) or isinstance(sh[key], bool) or sh[key] < 1:
+            raise UserError(
+                f"serving.shadow.{key} must be a whole number >= 1, got {sh[key]!r}",
+                where=_WHERE,
+                fix="fix the value",
+            )
+    check_numbers(s, ("shadow.flush_s",), 0.01)
+    if sh["enabled"] and not s["store"]["record_predictions"]:
+        raise UserError(
+            "serving.shadow.enabled needs serving.store.record_predictions: the shadow's scores go to the store",
+            where=_WHERE,
+            fix="set store.record_predictions: true, or shadow.enabled: false",
+        )
 
 
 def check_numbers(s: Mapping[str, Any], keys: tuple[str, ...], low: float) -> None:

@@ -66,6 +66,8 @@ class LedgerWriter:
 
         self.max_rows, self.flush_s, self.retry_max_s = max_rows, flush_s, retry_max_s
         self.engine: Any = None
+        # serving.store.audit_share: texts also kept for audit labelling (ledger.in_audit)
+        self.audit_share = 0.0
         self.state = StoreState()
         self._calls: deque[Call] = deque()
         self._ids: set[str] = set()
@@ -136,7 +138,7 @@ class LedgerWriter:
             if not calls or self.engine is None:
                 return 0
             try:
-                ledger.record_calls(self.engine, calls)
+                ledger.record_calls(self.engine, calls, self.audit_share)
             except Exception as err:
                 if is_transient(err):
                     self._mark(False, err)
@@ -149,7 +151,7 @@ class LedgerWriter:
     def _write_one_by_one(self, calls: Sequence[Call]) -> None:
         for call in calls:
             try:
-                ledger.record_calls(self.engine, [call])
+                ledger.record_calls(self.engine, [call], self.audit_share)
             except Exception as err:
                 if is_transient(err):
                     self._mark(False, err)

@@ -7,6 +7,10 @@ An answer is one line: a taxonomy label, the number of one of the model's sugges
 `out_of_scope`, `unclear`, `new:<snake_case_name>` (a proposed intent), or empty/`skip`; `quit`
 stops. Anything after ` #` is a note (an adjudication requires one: the reason).
 
+Corrections sent through POST /v1/feedback are votes too: a client's latest correction of a queued prediction is
+the vote `api:<client>` (load_state), resolved, measured and exported with the CLI's votes; API votes alone
+resolve an item under feedback.label.api_votes (resolve; method `api`).
+
 Everything from the store reaches the terminal through `_shown` (intentops.data.text.display_text): a
 control character, a bidi override or a lone surrogate in a customer's message is shown as an escape,
 never sent raw to the annotator's terminal.
@@ -19,6 +23,7 @@ import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from itertools import combinations
 from typing import Any, TextIO
 
@@ -51,12 +56,15 @@ EXPORT_COLUMNS = [
     "guideline_version",
 ]
 
-PENDING, MAJORITY, ADJUDICATED, NEEDS_ADJUDICATION = (
+PENDING, MAJORITY, ADJUDICATED, NEEDS_ADJUDICATION, API = (
     "pending",
     "majority",
     "adjudicated",
     "needs_adjudication",
+    "api",  # resolved by agreeing API votes alone (feedback.label.api_votes.min_votes)
 )
+# The voter name of a /v1/feedback client: `api:<client>` (a CLI annotator name cannot start with it).
+API_PREFIX = "api:"
 
 
 def parse_answer(answer: str, taxonomy: Taxonomy, suggestions: list[str]) -> tuple[str | None, str | None]:
@@ -94,17 +102,34 @@ def parse_answer(answer: str, taxonomy: Taxonomy, suggestions: list[str]) -> tup
 
 
 def resolve(
-    votes: Iterable[str], min_annotators: int, adjudicated: str | None = None
+    votes: Mapping[str, str] | Iterable[str],
+    min_annotators: int,
+    adjudicated: str | None = None,
+    api_min_votes: int = 0,
 ) -> tuple[str | None, str]:
     """The item's final label and how it was reached.
 
+    Args:
+        votes: {voter: label} (voters `api:<client>` are API votes), or the labels alone (all CLI votes).
+        api_min_votes: API votes alone (no CLI vote) resolve the item when at least this many agree and none
+            disagrees (a disagreement among them goes to adjudication); 0: they never do. Mixed with CLI votes
+            they count like any vote.
+
     Returns:
-        (label, method): method is `adjudicated`, `majority` (strict), `pending` (fewer than
-        `min_annotators` votes) or `needs_adjudication` (no strict majority, or a vote `unclear`).
+        (label, method): method is `adjudicated`, `api` (API votes alone), `majority` (strict), `pending` (fewer
+        than `min_annotators` votes) or `needs_adjudication` (no strict majority, or a vote `unclear`).
     """
     if adjudicated is not None:
         return adjudicated, ADJUDICATED
-    votes = list(votes)
+    if isinstance(votes, Mapping):
+        api_only = bool(votes) and all(v.startswith(API_PREFIX) for v in votes)
+        votes = list(votes.values())
+    else:
+        votes, api_only = list(votes), False
+    if api_only and 0 < api_min_votes <= len(votes):
+        if len(set(votes)) > 1 or UNCLEAR in votes:
+            return None, NEEDS_ADJUDICATION
+        return votes[0], API
     if len(votes) < min_annotators or not votes:
         return None, PENDING
     (top, n), *_ = Counter(votes).most_common(1)
@@ -148,17 +173,82 @@ def agreement(votes: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
 
 
 def load_state(
-    engine: Any,
+    engine: Any, count_anonymous: bool = False
 ) -> tuple[list[dict], dict[str, dict[str, str]], dict[str, dict[str, Any]], dict[str, dict]]:
-    """(queue items, votes per item {annotator: label}, notes per item {annotator: note}, adjudications per item)."""
+    """(queue items, votes per item {annotator: label}, notes per item {annotator: note}, adjudications per item).
+
+    The votes hold the CLI's annotations and, as `api:<client>`, each /v1/feedback client's latest correction
+    of a queued item (its note: the request's `annotator` field); client `anonymous` only with `count_anonymous`
+    (feedback.label.api_votes.anonymous).
+    """
     items = store.queue_items(engine)
     votes: dict[str, dict[str, str]] = defaultdict(dict)
     notes: dict[str, dict[str, Any]] = defaultdict(dict)
     for row in store.table_rows(engine, store.annotations):
         votes[row["prediction_id"]][row["annotator"]] = row["label"]
         notes[row["prediction_id"]][row["annotator"]] = row["note"]
+    for row in store.latest_corrections(engine):
+        if row["in_queue"] and (count_anonymous or row["client"] != store.ANONYMOUS):
+            votes[row["prediction_id"]][API_PREFIX + row["client"]] = row["label"]
+            notes[row["prediction_id"]][API_PREFIX + row["client"]] = row["annotator"]
     adjudicated = {row["prediction_id"]: row for row in store.table_rows(engine, store.adjudications)}
     return items, dict(votes), dict(notes), adjudicated
+
+
+def api_votes_settings(params: Any) -> tuple[int, bool]:
+    """(min_votes, anonymous) of feedback.label.api_votes; (0, False), API votes never alone, when absent."""
+    cfg = params.feedback.label.get("api_votes") or {}
+    return int(cfg.get("min_votes", 0)), bool(cfg.get("anonymous", False))
+
+
+@dataclass(frozen=True)
+class Review:
+    """The store's review state under the labelling settings (feedback.label): queue items, every vote (CLI and
+    API), notes and adjudications. The one way callers resolve items (export, new-label count, audit, shadow)."""
+
+    items: list[dict]
+    votes: dict[str, dict[str, str]]
+    notes: dict[str, dict[str, Any]]
+    adjudicated: dict[str, dict]
+    min_annotators: int
+    api_min_votes: int
+
+    def resolve(self, prediction_id: str) -> tuple[str | None, str]:
+        """(final label or None, method) of one queue item; see `resolve`."""
+        adj = self.adjudicated.get(prediction_id)
+        votes = self.votes.get(prediction_id, {})
+        return resolve(votes, self.min_annotators, adj["label"] if adj else None, self.api_min_votes)
+
+
+def read_review(engine: Any, params: Any) -> Review:
+    """The review state of the store behind `engine` under params.feedback.label (its schema checked)."""
+    store.check_schema(engine)
+    api_min_votes, anonymous = api_votes_settings(params)
+    items, votes, notes, adjudicated = load_state(engine, anonymous)
+    min_annotators = int(params.feedback.label.min_annotators)
+    return Review(items, votes, notes, adjudicated, min_annotators, api_min_votes)
+
+
+def review_of(params: Any) -> Review:
+    """The review state of the configured store (feedback.store; $INTENTOPS_DB_URL), read in one go."""
+    engine = store.engine_from_params(params)
+    try:
+        return read_review(engine, params)
+    finally:
+        engine.dispose()
+
+
+def review_export(review: Review, params: Any) -> tuple[pd.DataFrame, dict[str, int]]:
+    """export_table over a Review, with the taxonomy and guideline version of `params`."""
+    return export_table(
+        review.items,
+        review.votes,
+        review.adjudicated,
+        Taxonomy.read(params.paths.taxonomy),
+        review.min_annotators,
+        str(params.feedback.label.guideline_version),
+        review.api_min_votes,
+    )
 
 
 def _shown(value: Any) -> str:
@@ -193,6 +283,8 @@ def label_session(
     write: Callable[[str], None],
     adjudicate: bool = False,
     limit: int | None = None,
+    api_min_votes: int = 0,
+    count_anonymous: bool = False,
 ) -> dict[str, int]:
     """Show the items this annotator should label (or adjudicate) and record the answers.
 
@@ -203,8 +295,8 @@ def label_session(
     Returns:
         counts of items `shown`, `labelled` and `skipped`.
     """
-    items, votes, notes, adjudicated = load_state(engine)
-    todo = items_to_show(items, votes, adjudicated, annotator, min_annotators, adjudicate)
+    items, votes, notes, adjudicated = load_state(engine, count_anonymous)
+    todo = items_to_show(items, votes, adjudicated, annotator, min_annotators, adjudicate, api_min_votes)
     todo = todo[:limit] if limit is not None else todo
     counts = {"shown": 0, "labelled": 0, "skipped": 0}
     if not todo:
@@ -237,6 +329,7 @@ def items_to_show(
     annotator: str,
     min_annotators: int,
     adjudicate: bool,
+    api_min_votes: int = 0,
 ) -> list[dict]:
     """Items waiting for this annotator's vote (not yet voted by them), or, to adjudicate, items without a
     strict majority."""
@@ -244,7 +337,8 @@ def items_to_show(
     for item in items:
         pid = item["prediction_id"]
         item_votes = votes.get(pid, {})
-        _, method = resolve(item_votes.values(), min_annotators, (adjudicated.get(pid) or {}).get("label"))
+        adj = (adjudicated.get(pid) or {}).get("label")
+        _, method = resolve(item_votes, min_annotators, adj, api_min_votes)
         if adjudicate and method == NEEDS_ADJUDICATION:
             todo.append(item)
         elif not adjudicate and method == PENDING and annotator not in item_votes:
@@ -283,6 +377,7 @@ def export_table(
     taxonomy: Taxonomy,
     min_annotators: int,
     guideline_version: str,
+    api_min_votes: int = 0,
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """The labelled rows ready for training (text, label + provenance) and a count of every item's status.
 
@@ -299,7 +394,7 @@ def export_table(
         pid = item["prediction_id"]
         adj = adjudicated.get(pid)
         item_votes = dict(votes.get(pid, {}))
-        label, method = resolve(item_votes.values(), min_annotators, adj["label"] if adj else None)
+        label, method = resolve(item_votes, min_annotators, adj["label"] if adj else None, api_min_votes)
         if label is None:
             status[method] += 1
             continue
@@ -395,10 +490,17 @@ def main_label(
         raise UserError(
             f"the annotator name holds a {problem}", where="--annotator", fix="type your name again"
         )
+    if annotator.strip().startswith(API_PREFIX):
+        raise UserError(
+            f"annotator names starting with {API_PREFIX!r} are the API's clients",
+            where="--annotator",
+            fix="use your own name",
+        )
     engine = store.engine_from_params(params)
     try:
         store.check_schema(engine)
         taxonomy = Taxonomy.read(params.paths.taxonomy)
+        api_min_votes, count_anonymous = api_votes_settings(params)
 
         def write(line: str) -> None:
             stdout.write(line + "\n")
@@ -413,8 +515,10 @@ def main_label(
             write=write,
             adjudicate=adjudicate,
             limit=limit,
+            api_min_votes=api_min_votes,
+            count_anonymous=count_anonymous,
         )
-        _, votes, _, _ = load_state(engine)
+        _, votes, _, _ = load_state(engine, count_anonymous)
         write(
             f"{_shown(annotator)}: {counts['labelled']} labelled, {counts['skipped']} skipped "
             f"of {counts['shown']} shown"
@@ -431,17 +535,9 @@ def main_export(params: Any, out: str | None = None) -> dict[str, Any]:
     from intentops.io import atomic_path, write_json
 
     out = out or params.paths.feedback_labels
-    engine = store.engine_from_params(params)
-    try:
-        store.check_schema(engine)
-        taxonomy = Taxonomy.read(params.paths.taxonomy)
-        items, votes, _, adjudicated = load_state(engine)
-    finally:
-        engine.dispose()
-    cfg = params.feedback.label
-    table, status = export_table(
-        items, votes, adjudicated, taxonomy, int(cfg.min_annotators), str(cfg.guideline_version)
-    )
+    review = review_of(params)
+    table, status = review_export(review, params)
+    votes = review.votes
     stats = agreement(votes)
     with atomic_path(out) as tmp:
         table.to_csv(tmp, index=False)

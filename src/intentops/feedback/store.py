@@ -42,13 +42,33 @@ review_queue = sa.Table(
     sa.Column("confidence", sa.Float, nullable=False),
     sa.Column("reason", sa.String(64), nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    # In the audit sample (serving.store.audit_share), whatever the reason: the unbiased sample of served
+    # predictions whose labels measure live accuracy (feedback.audit). Added in schema version 3.
+    sa.Column("audit", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
-# Corrections sent with a prediction id (e.g. by an agent through the API); feedback_id is the
-# client's idempotency key.
+# Corrections sent with a prediction id through POST /v1/feedback (schema version 3). `client` is who sent it,
+# from the API key (middleware.client_name); `annotator` is the request's free-text field, kept as a note only.
+# `feedback_id` is the client's idempotency key, unique per client. Every correction is kept: a client's vote on
+# a prediction is its latest row (label.load_state).
 feedback = sa.Table(
     "feedback",
     metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("client", sa.String(128), nullable=False),
+    sa.Column("feedback_id", sa.String(128), nullable=False),
+    sa.Column("prediction_id", sa.String(128), nullable=False, index=True),
+    sa.Column("label", sa.String(128), nullable=False),
+    sa.Column("annotator", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.UniqueConstraint("client", "feedback_id", name="uq_feedback_client_feedback_id"),
+)
+
+# The feedback table as versions 1-2 created it (feedback_id unique across clients): _v1 creates this shape so
+# that a migration never changes, and _v3 rebuilds it into `feedback`.
+_feedback_v1 = sa.Table(
+    "feedback",
+    sa.MetaData(),
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("feedback_id", sa.String(128), nullable=False, unique=True),
     sa.Column("prediction_id", sa.String(128), nullable=False, index=True),
@@ -56,6 +76,9 @@ feedback = sa.Table(
     sa.Column("annotator", sa.String(128), nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
 )
+# The client of corrections sent without an API key (auth off or no key set), and of those stored before
+# version 3 (nobody was identified then).
+ANONYMOUS = "anonymous"
 
 # Every prediction id the API returned (never the text: needs_review texts go to the review queue),
 # so that /v1/feedback can tell a real id from a made-up one. Added in schema version 2.
@@ -104,15 +127,78 @@ adjudications = sa.Table(
 
 
 def _v1(conn: Connection) -> None:
-    metadata.create_all(conn, tables=[review_queue, feedback, annotations, adjudications])
+    legacy = sa.MetaData()
+    _v1_table(review_queue, legacy, drop="audit").create(conn)
+    _feedback_v1.create(conn)
+    metadata.create_all(conn, tables=[annotations, adjudications])
+
+
+def _v1_table(table: sa.Table, into: sa.MetaData, drop: str) -> sa.Table:
+    """`table` as version 1 created it: without the column a later version added."""
+    columns = [
+        sa.Column(
+            c.name, c.type, primary_key=c.primary_key, nullable=c.nullable, unique=c.unique, index=c.index
+        )
+        for c in table.columns
+        if c.name != drop
+    ]
+    return sa.Table(table.name, into, *columns)
 
 
 def _v2(conn: Connection) -> None:
     metadata.create_all(conn, tables=[predictions])
 
 
+def _v3(conn: Connection) -> None:
+    """API corrections as votes and the audit sample.
+
+    feedback_id becomes unique per client: the table is rebuilt (SQLite cannot drop a UNIQUE constraint with
+    ALTER), its rows copied in order with client `anonymous` (nobody was identified before); review_queue
+    gets the `audit` flag.
+    """
+    conn.execute(sa.text("ALTER TABLE review_queue ADD COLUMN audit BOOLEAN NOT NULL DEFAULT FALSE"))
+    conn.execute(sa.text("ALTER TABLE feedback RENAME TO feedback_v2"))
+    for index in ("ix_feedback_prediction_id", "ix_feedback_created_at"):  # indexes keep their names
+        conn.execute(sa.text(f"DROP INDEX {index}"))
+    feedback.create(conn)
+    columns = "feedback_id, prediction_id, label, annotator, created_at"
+    conn.execute(
+        sa.text(
+            f"INSERT INTO feedback (client, {columns}) "
+            f"SELECT '{ANONYMOUS}', {columns} FROM feedback_v2 ORDER BY id"
+        )
+    )
+    conn.execute(sa.text("DROP TABLE feedback_v2"))
+
+
+# The shadow challenger's scores (schema version 4). One row per shadowed prediction: the champion's answer (what the client got) next to the challenger's
+# (the registry's candidate, scored off the request path), for `intentops shadow report` and the promote gate.
+shadow_scores = sa.Table(
+    "shadow_scores",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("prediction_id", sa.String(128), nullable=False),
+    sa.Column("champion_version", sa.String(128), nullable=False),
+    sa.Column("challenger_version", sa.String(128), nullable=False),
+    sa.Column("champion_intent", sa.String(128), nullable=False),
+    sa.Column("champion_confidence", sa.Float, nullable=False),
+    sa.Column("challenger_intent", sa.String(128), nullable=False),
+    sa.Column("challenger_confidence", sa.Float, nullable=False),
+    sa.Column("challenger_ms", sa.Float, nullable=False),  # wall time of the challenger call that scored it
+    sa.Column("challenger_batch", sa.Integer, nullable=False),  # texts in that call
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.UniqueConstraint("prediction_id", "challenger_version", name="uq_shadow_prediction_challenger"),
+    sa.Index("ix_shadow_pair", "champion_version", "challenger_version"),
+)
+
+
+def _v4(conn: Connection) -> None:
+    """The shadow challenger's scores."""
+    metadata.create_all(conn, tables=[shadow_scores])
+
+
 # Migration N brings the schema from version N-1 to N. Append, never edit a released one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -239,8 +325,13 @@ def current_version(conn: Connection) -> int:
     )
 
 
-def upgrade(engine: Engine) -> tuple[int, int]:
-    """Apply the migrations the database lacks, in one transaction; returns (version before, after)."""
+def upgrade(engine: Engine, target: int | None = None) -> tuple[int, int]:
+    """Apply the migrations the database lacks, in one transaction; returns (version before, after).
+
+    Args:
+        target: stop at this version (tests build an older database with it); default SCHEMA_VERSION.
+    """
+    target = SCHEMA_VERSION if target is None else target
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             # Two concurrent upgrades would both see version 0; the lock serialises them
@@ -254,10 +345,10 @@ def upgrade(engine: Engine) -> tuple[int, int]:
                 where=_where(engine),
                 fix="upgrade intentops",
             )
-        for version in range(before + 1, SCHEMA_VERSION + 1):
+        for version in range(before + 1, target + 1):
             MIGRATIONS[version - 1](conn)
             conn.execute(schema_version.insert().values(version=version, applied_at=now_utc()))
-    return before, SCHEMA_VERSION
+    return before, max(before, target)
 
 
 def check_schema(engine: Engine) -> None:
@@ -317,24 +408,106 @@ def enqueue(engine: Engine, items: Sequence[Mapping[str, Any]]) -> int:
         return _insert_ignore(conn, review_queue, rows, ["prediction_id"])
 
 
+class FeedbackConflict(Exception):
+    """A client reused a feedback_id for another correction; `stored` is the correction stored under it."""
+
+    def __init__(self, stored: Mapping[str, Any]):
+        self.stored = dict(stored)
+        super().__init__(f"feedback_id {stored['feedback_id']!r} already holds another correction")
+
+
 def add_feedback(
     engine: Engine,
     prediction_id: str,
     label: str,
-    annotator: str,
+    client: str,
     feedback_id: str | None = None,
     created_at: datetime | None = None,
+    annotator: str | None = None,
 ) -> bool:
-    """Record a correction; True when new. Without a feedback_id, one correction per (prediction, annotator, label)."""
+    """Record a client's correction; True when new, False for a retry of one stored (same id, same correction).
+
+    The idempotency key is (client, feedback_id): two clients may use the same ids. Without a feedback_id,
+    one correction per (client, prediction, label). A client's later correction of the same prediction under
+    a new feedback_id is stored too; its latest one is its vote (latest_corrections).
+
+    Args:
+        annotator: the request's free-text `annotator` field, kept as a note (default: the client).
+
+    Raises:
+        FeedbackConflict: the client's feedback_id already holds another prediction id or label.
+    """
     row = {
-        "feedback_id": feedback_id or f"{prediction_id}:{annotator}:{label}",
+        "client": client,
+        "feedback_id": feedback_id or f"{prediction_id}:{label}",
         "prediction_id": prediction_id,
         "label": label,
-        "annotator": annotator,
+        "annotator": annotator or client,
         "created_at": (created_at or now_utc()).astimezone(UTC),
     }
     with engine.begin() as conn:
-        return _insert_ignore(conn, feedback, [row], ["feedback_id"]) == 1
+        if _insert_ignore(conn, feedback, [row], ["client", "feedback_id"]) == 1:
+            return True
+        stored = (
+            conn.execute(
+                sa.select(feedback).where(
+                    feedback.c.client == client, feedback.c.feedback_id == row["feedback_id"]
+                )
+            )
+            .mappings()
+            .one()
+        )
+    if (stored["prediction_id"], stored["label"]) != (prediction_id, label):
+        raise FeedbackConflict(stored)
+    return False
+
+
+def latest_corrections(engine: Engine) -> list[dict[str, Any]]:
+    """Each client's latest correction per prediction (its vote), oldest first: prediction_id, client, label,
+    annotator, created_at, and in_queue (the prediction's text is in the review queue)."""
+    latest = sa.select(sa.func.max(feedback.c.id)).group_by(feedback.c.client, feedback.c.prediction_id)
+    in_queue = sa.exists().where(review_queue.c.prediction_id == feedback.c.prediction_id)
+    query = (
+        sa.select(
+            feedback.c.prediction_id,
+            feedback.c.client,
+            feedback.c.label,
+            feedback.c.annotator,
+            feedback.c.created_at,
+            in_queue.label("in_queue"),
+        )
+        .where(feedback.c.id.in_(latest))
+        .order_by(feedback.c.id)
+    )
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def corrected_errors(engine: Engine, exclude_clients: Sequence[str] = ()) -> list[datetime]:
+    """When each prediction was served that a client's latest correction says was wrong (its label is not the
+    served intent), one time per prediction, whether or not its text was queued."""
+    latest = sa.select(sa.func.max(feedback.c.id)).group_by(feedback.c.client, feedback.c.prediction_id)
+    query = (
+        sa.select(predictions.c.prediction_id, predictions.c.created_at)
+        .join(feedback, feedback.c.prediction_id == predictions.c.prediction_id)
+        .where(
+            feedback.c.id.in_(latest),
+            feedback.c.label != predictions.c.intent,
+            feedback.c.client.not_in(list(exclude_clients)),
+        )
+        .distinct()
+    )
+    with engine.connect() as conn:
+        return [r.created_at for r in conn.execute(query)]
+
+
+def prediction(engine: Engine, prediction_id: str) -> dict[str, Any] | None:
+    """The predictions row of an id the API returned (model version, intent, confidence), or None."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.select(predictions).where(predictions.c.prediction_id == prediction_id).limit(1)
+        ).mappings()
+        return next((dict(r) for r in row), None)
 
 
 def add_annotation(
@@ -366,7 +539,8 @@ def add_adjudication(engine: Engine, prediction_id: str, adjudicator: str, label
 
 
 def prune(engine: Engine, retention_days: int, now: datetime | None = None) -> dict[str, int]:
-    """Delete queue items (with their annotations and adjudications), feedback and prediction ids older than the retention.
+    """Delete queue items (with their annotations and adjudications; audit and correction items alike), feedback,
+    prediction ids and shadow scores older than the retention.
 
     Returns:
         rows deleted per table.
@@ -393,6 +567,9 @@ def prune(engine: Engine, retention_days: int, now: datetime | None = None) -> d
             "feedback": conn.execute(feedback.delete().where(feedback.c.created_at < cutoff)).rowcount,
             "predictions": conn.execute(
                 predictions.delete().where(predictions.c.created_at < cutoff)
+            ).rowcount,
+            "shadow_scores": conn.execute(
+                shadow_scores.delete().where(shadow_scores.c.created_at < cutoff)
             ).rowcount,
         }
 

@@ -1,7 +1,9 @@
 """Start a GitHub Actions workflow from outside GitHub with a `repository_dispatch` event.
 
 `intentops drift-check --dispatch` calls this with event type `drift-detected`, which
-`.github/workflows/retrain.yml` listens for.
+`.github/workflows/retrain.yml` listens for. Its client_payload carries the reviewed labels' DVC pointer
+(`labels`: md5, size, counts; see labels_payload), never the labels themselves: CI pulls them from the
+DVC remote.
 """
 
 from __future__ import annotations
@@ -32,6 +34,16 @@ _FIXES = {
     404: "check GITHUB_REPOSITORY (owner/name) and that the token can see that repository",
     422: "GitHub rejected the body: check event_type and client_payload",
 }
+
+
+# The fields of a labels pointer that go in the payload; retrain.yml's `intentops labels receive` reads them.
+LABELS_PAYLOAD_KEYS = ("md5", "size", "new_labels", "rows")
+
+
+def labels_payload(published: Mapping[str, Any]) -> dict[str, Any]:
+    """The payload's `labels` object: the DVC pointer (md5, size) and the counts, nested under one key
+    so that the payload stays within GitHub's 10 top-level keys."""
+    return {key: published[key] for key in LABELS_PAYLOAD_KEYS}
 
 
 def send_repository_dispatch(

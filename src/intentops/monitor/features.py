@@ -19,8 +19,15 @@ from intentops.data.text import DIGIT, has_amount, has_digits
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 TEXT_FEATURES = ("length_chars", "length_tokens", "oov_rate", "has_digits", "has_amount")
 PREDICTION_FEATURES = ("predicted_intent", "confidence", "margin")
-# The only string-valued feature; every other column is numeric. Profiles refuse other string columns.
-CATEGORICAL_FEATURES = ("predicted_intent",)
+# From rows that carry the review `reason` (Predictor.predict, serving): what the label-free accuracy estimate
+# (performance.py) needs. `review_reason` is the reason or "none"; `in_scope_confidence` is the confidence of rows
+# NOT flagged out_of_distribution and NaN otherwise (whylogs' distribution skips NaN), so a profile gives the
+# mean and variance of the confidences that are trustworthy on their own.
+FLAG_FEATURES = ("review_reason", "in_scope_confidence")
+NO_REASON = "none"
+OUT_OF_DISTRIBUTION = "out_of_distribution"
+# The only string-valued features; every other column is numeric. Profiles refuse other string columns.
+CATEGORICAL_FEATURES = ("predicted_intent", "review_reason")
 
 
 def tokenize(text: str) -> list[str]:
@@ -57,12 +64,21 @@ def prediction_features(prediction: Mapping[str, Any]) -> dict[str, Any]:
 
     Returns:
         predicted intent, confidence, and the top-1 minus top-2 score margin (the confidence itself
-        when fewer than two scores are given).
+        when fewer than two scores are given); FLAG_FEATURES too when the prediction has a `reason` key.
     """
     confidence = float(prediction["confidence"])
     scores = [float(k["score"] if "score" in k else k["confidence"]) for k in prediction.get("top_k") or []]
     margin = scores[0] - scores[1] if len(scores) >= 2 else confidence
-    return {"predicted_intent": str(prediction["intent"]), "confidence": confidence, "margin": margin}
+    feats: dict[str, Any] = {
+        "predicted_intent": str(prediction["intent"]),
+        "confidence": confidence,
+        "margin": margin,
+    }
+    if "reason" in prediction:
+        reason = prediction["reason"] or NO_REASON
+        feats["review_reason"] = str(reason)
+        feats["in_scope_confidence"] = float("nan") if reason == OUT_OF_DISTRIBUTION else confidence
+    return feats
 
 
 def utterance_features(
@@ -78,7 +94,8 @@ def utterance_features(
         predictions: optional model outputs aligned with `texts` (see `prediction_features`).
 
     Returns:
-        columns TEXT_FEATURES, then PREDICTION_FEATURES when `predictions` is given.
+        columns TEXT_FEATURES, then PREDICTION_FEATURES when `predictions` is given, then FLAG_FEATURES
+        when every prediction has a `reason` (one frame never mixes rows with and without them).
     """
     if predictions is not None and len(predictions) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(predictions)} predictions")
@@ -86,5 +103,7 @@ def utterance_features(
     if predictions is not None:
         rows = [{**r, **prediction_features(p)} for r, p in zip(rows, predictions, strict=True)]
     columns = list(TEXT_FEATURES) + (list(PREDICTION_FEATURES) if predictions is not None else [])
+    if predictions and all("reason" in p for p in predictions):
+        columns += list(FLAG_FEATURES)
     df = pd.DataFrame(rows, columns=columns)
     return df.astype({c: "int64" for c in ("length_chars", "length_tokens", "has_digits", "has_amount")})

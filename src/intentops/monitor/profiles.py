@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WINDOW_GLOB = "window-*.bin"
+# Reference-profile metadata key (and vocab.json key) holding `performance.reference_stats` of val.
+PERFORMANCE_KEY = "performance"
 
 
 def import_whylogs() -> ModuleType:
@@ -82,6 +84,27 @@ def reference_profile(
     return vocab, profile_frame(utterance_features(reference_texts, vocab, predictions))
 
 
+def with_metadata(view: DatasetProfileView, metadata: Mapping[str, str]) -> DatasetProfileView:
+    """The same profile with whylogs dataset metadata (string pairs that travel inside the serialized file)."""
+    import_whylogs()
+    from whylogs.core import DatasetProfileView
+
+    return DatasetProfileView(
+        columns=view.get_columns(),
+        dataset_timestamp=view.dataset_timestamp,
+        creation_timestamp=view.creation_timestamp,
+        metadata={**(view.metadata or {}), **metadata},
+    )
+
+
+def performance_reference(view: DatasetProfileView) -> dict[str, Any] | None:
+    """The val measurements `performance.estimate` needs, stored in the reference profile; None in older ones."""
+    import json
+
+    raw = (view.metadata or {}).get(PERFORMANCE_KEY)
+    return json.loads(raw) if raw else None
+
+
 def reference_predictions(bundle_dir: str, texts: Sequence[str]) -> list[dict[str, Any]]:
     """The model's outputs on `texts` through the one Predictor, as serving computes them (top-2 for the margin)."""
     from intentops.inference.predictor import Predictor
@@ -100,21 +123,58 @@ def write_reference(
     """Build the vocabulary and reference profile from the split's parquet files and write both atomically.
 
     With `bundle_dir` (the model that serving runs), the profile also holds the model's outputs on the
-    validation texts, so live predicted intents, confidences and margins are compared like for like.
+    validation texts, so live predicted intents, confidences and margins are compared like for like, and
+    (when val has labels) the val measurements of the label-free accuracy estimate (`performance.py`) go into
+    the profile's metadata and vocab.json (which serving replicas read) under PERFORMANCE_KEY.
     """
+    import json
+
     from intentops.io import write_json
 
-    texts = {}
+    frames = {}
     for name, path in (("train", train_path), ("val", val_path)):
         if not Path(path).is_file():
             raise UserError(f"{name} split not found", where=str(path), fix="run `dvc repro split` first")
-        texts[name] = pd.read_parquet(path, columns=["text"])["text"].astype(str).tolist()
+        frames[name] = pd.read_parquet(path)
+    texts = {name: df["text"].astype(str).tolist() for name, df in frames.items()}
     predictions = reference_predictions(bundle_dir, texts["val"]) if bundle_dir else None
     vocab, view = reference_profile(texts["train"], texts["val"], vocab_min_count, predictions)
-    write_json(vocab_path, {"min_count": vocab_min_count, "tokens": sorted(vocab)})
+    vocab_doc: dict[str, Any] = {"min_count": vocab_min_count, "tokens": sorted(vocab)}
+    if predictions is not None and "label" in frames["val"]:
+        stats = val_performance(predictions, frames["val"]["label"].astype(str).tolist())
+        view = with_metadata(view, {PERFORMANCE_KEY: json.dumps(stats)})
+        vocab_doc[PERFORMANCE_KEY] = stats
+    write_json(vocab_path, vocab_doc)
     fs, root = url_to_fs(reference_path)
     put_atomic(fs, root, view.serialize())
     return view
+
+
+def val_performance(predictions: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> dict[str, Any]:
+    """`performance.reference_stats` of the model's val outputs against the val labels."""
+    from intentops.monitor.performance import reference_stats
+
+    return reference_stats(
+        [float(p["confidence"]) for p in predictions],
+        [p.get("reason") for p in predictions],
+        [p["intent"] == y for p, y in zip(predictions, labels, strict=True)],
+    )
+
+
+def read_performance_stats(path: str) -> dict[str, Any] | None:
+    """The val measurements stored in vocab.json by `write_reference`; None when absent or unreadable."""
+    import json
+
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rb") as fh:
+            return json.loads(fh.read()).get(PERFORMANCE_KEY)
+    except (OSError, ValueError) as err:
+        log.warning(
+            "no val accuracy statistics in %s (%s): estimated accuracy is plain mean confidence", path, err
+        )
+        return None
 
 
 def read_vocab(path: str) -> frozenset[str]:
@@ -183,6 +243,10 @@ class ProfileWindowWriter:
     restarts from overwriting each other. Rows of the open window live only in memory: call
     `flush()` on shutdown (or use the writer as a context manager).
 
+    Each window carries whylogs metadata: `start`, `end` (ISO UTC), `rows`, and the `metadata` rows were logged
+    with (serving passes model_version and variant). Rows with other metadata close the open window first, so a
+    window (and its estimated accuracy) belongs to one model.
+
     Args:
         base_path: a folder or fsspec URL (s3://bucket/profiles).
         max_rows: rows per window.
@@ -190,6 +254,7 @@ class ProfileWindowWriter:
         clock: seconds since the epoch; injectable for tests.
         writer_id: defaults to a random 8-hex-digit token.
         storage_options: passed to fsspec.
+        on_close: called with (path, view) after each window is written (serving sets a metric from it).
     """
 
     def __init__(
@@ -201,6 +266,7 @@ class ProfileWindowWriter:
         clock: Callable[[], float] = time.time,
         writer_id: str | None = None,
         storage_options: dict[str, Any] | None = None,
+        on_close: Callable[[str, DatasetProfileView], None] | None = None,
     ):
         if max_rows < 1 or max_seconds <= 0:
             raise ValueError(f"max_rows must be >= 1 and max_seconds > 0, got {max_rows}, {max_seconds}")
@@ -212,19 +278,24 @@ class ProfileWindowWriter:
         self._profile: Any = None
         self._rows = 0
         self._start = 0.0
+        self._metadata: dict[str, str] = {}
+        self.on_close = on_close
 
-    def log(self, features: pd.DataFrame) -> list[str]:
-        """Add feature rows; returns the paths of the windows this call closed."""
+    def log(self, features: pd.DataFrame, metadata: Mapping[str, str] | None = None) -> list[str]:
+        """Add feature rows (produced under `metadata`); returns the paths of the windows this call closed."""
         check_no_text(features)
+        meta = {str(k): str(v) for k, v in (metadata or {}).items() if v is not None}
         written: list[str] = []
         with self._lock:
+            if self._profile is not None and len(features) and meta != self._metadata:
+                written.append(self._close())
             pos = 0
             while pos < len(features):
                 now = self.clock()
                 if self._profile is not None and now - self._start >= self.max_seconds:
                     written.append(self._close())
                 if self._profile is None:
-                    self._open(now)
+                    self._open(now, meta)
                 take = min(self.max_rows - self._rows, len(features) - pos)
                 self._profile.track(pandas=features.iloc[pos : pos + take])
                 self._rows += take
@@ -251,21 +322,29 @@ class ProfileWindowWriter:
     def __exit__(self, *exc: object) -> None:
         self.flush()
 
-    def _open(self, now: float) -> None:
+    def _open(self, now: float, metadata: dict[str, str]) -> None:
         import_whylogs()
         from whylogs.core import DatasetProfile
 
         self._profile = DatasetProfile(dataset_timestamp=datetime.fromtimestamp(now, UTC))
-        self._rows, self._start = 0, now
+        self._rows, self._start, self._metadata = 0, now, metadata
 
     def _close(self) -> str:
-        start = datetime.fromtimestamp(self._start, UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        start_dt = datetime.fromtimestamp(self._start, UTC)
+        start = start_dt.strftime("%Y%m%dT%H%M%S%fZ")
         path = f"{self.root.rstrip('/')}/window-{start}-{self._seq:06d}-{self.writer_id}.bin"
-        data = self._profile.view().serialize()
-        put_atomic(self.fs, path, data)
+        end = datetime.fromtimestamp(max(self.clock(), self._start), UTC)
+        times = {"start": start_dt.isoformat(), "end": end.isoformat(), "rows": str(self._rows)}
+        view = with_metadata(self._profile.view(), {**self._metadata, **times})
+        put_atomic(self.fs, path, view.serialize())
         log.info("wrote profile window %s (%d rows)", path, self._rows)
         self._seq += 1
         self._profile, self._rows = None, 0
+        if self.on_close is not None:
+            try:
+                self.on_close(path, view)
+            except Exception as err:  # a metric hook must not lose the next window
+                log.error("profile window hook failed: %s", err)
         return path
 
 
@@ -284,6 +363,19 @@ def load_windows(
     Returns:
         (merged profile, the window paths merged, oldest first)
     """
+    windows = read_windows(base_path, last_n, storage_options)
+    merged = with_metadata(
+        windows[0][1], {}
+    )  # whylogs' merge updates the metadata of the view it is called on
+    for _, view in windows[1:]:
+        merged = merged.merge(view)
+    return merged, [p for p, _ in windows]
+
+
+def read_windows(
+    base_path: str, last_n: int, storage_options: dict[str, Any] | None = None
+) -> list[tuple[str, DatasetProfileView]]:
+    """(path, profile) of the latest `last_n` closed windows, oldest first; none is a UserError."""
     fs, _ = url_to_fs(base_path, storage_options)
     paths = list_windows(base_path, storage_options)[-last_n:] if last_n > 0 else []
     if not paths:
@@ -292,8 +384,18 @@ def load_windows(
             where=str(base_path),
             fix="point --profiles at the folder the serving app writes windows to, or wait for a window to close",
         )
-    views = [read_view(fs.cat_file(p), p) for p in paths]
-    merged = views[0]
-    for view in views[1:]:
-        merged = merged.merge(view)
-    return merged, paths
+    return [(p, read_view(fs.cat_file(p), p)) for p in paths]
+
+
+def window_info(path: str, view: DatasetProfileView) -> dict[str, Any]:
+    """A window's path, start, end, model_version and variant from its metadata (windows before them: start from
+    the profile's timestamp, the rest None)."""
+    meta = view.metadata or {}
+    ts = view.dataset_timestamp
+    return {
+        "window": path,
+        "start": meta.get("start") or (ts.isoformat() if ts else None),
+        "end": meta.get("end"),
+        "model_version": meta.get("model_version"),
+        "variant": meta.get("variant"),
+    }

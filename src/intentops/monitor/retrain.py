@@ -1,17 +1,18 @@
 """`intentops drift-check --retrain`: close the loop when drift is found and enough reviewed labels exist.
 
-In order: export the reviewed labels (`intentops label export`), `dvc repro` (ingest picks up the labels;
-DVC reruns only the stages whose inputs changed), read the promotion gate that the `promote` stage wrote,
-and, when a serving URL is given, wait until the running app has hot-swapped to the promoted version
+In order: publish the reviewed labels (`intentops labels publish`: check their count, export, `dvc add`,
+`dvc push` when a remote is configured; `--dispatch` runs the same), `dvc repro` (ingest picks up the
+labels; DVC reruns only the stages whose inputs changed), read the promotion gate that the `promote` stage
+wrote, and, when a serving URL is given, wait until the running app has hot-swapped to the promoted version
 (it polls the registry's production pointer itself).
 
-Exit codes (documented in README.md and docs/operations.md): 0 promoted (and swapped), 11 drift but too
-few new reviewed labels, 12 retrained but the gate kept the champion, 2 any other error.
+Exit codes (documented in README.md and docs/operations.md): 0 promoted (and swapped; with the promote target
+`candidate`: staged as the registry's candidate), 11 drift but too few new reviewed labels, 12 retrained but
+the gate kept the champion, 2 any other error.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -25,57 +26,19 @@ from typing import Any
 
 from intentops.config import API_KEY_ENV
 from intentops.errors import UserError
+from intentops.feedback.publish import TOO_FEW_LABELS_EXIT_CODE, TooFewLabels
+
+__all__ = ["TOO_FEW_LABELS_EXIT_CODE", "NOT_PROMOTED_EXIT_CODE", "TooFewLabels", "NotPromoted", "retrain"]
 
 log = logging.getLogger(__name__)
 
-TOO_FEW_LABELS_EXIT_CODE = 11
 NOT_PROMOTED_EXIT_CODE = 12
-
-
-class TooFewLabels(UserError):
-    """Drift, but fewer new reviewed labels than `monitor.retrain.min_new_labels`: label more first."""
-
-    exit_code = TOO_FEW_LABELS_EXIT_CODE
 
 
 class NotPromoted(UserError):
     """The pipeline retrained, but the gate kept the champion in production."""
 
     exit_code = NOT_PROMOTED_EXIT_CODE
-
-
-def exported_ids(labels_csv: str | os.PathLike) -> set[str]:
-    """The prediction ids already in the labels file (they are in the training data of the current model)."""
-    path = Path(labels_csv)
-    if not path.is_file():
-        return set()
-    with path.open(newline="", encoding="utf-8") as f:
-        return {row["prediction_id"] for row in csv.DictReader(f) if row.get("prediction_id")}
-
-
-def new_label_count(params: Any) -> tuple[int, dict[str, int]]:
-    """(resolved labels in the store that the labels file does not hold yet, status of every queue item)."""
-    from intentops.data.taxonomy import Taxonomy
-    from intentops.feedback import store
-    from intentops.feedback.label import export_table, load_state
-
-    engine = store.engine_from_params(params)
-    try:
-        store.check_schema(engine)
-        items, votes, _, adjudicated = load_state(engine)
-    finally:
-        engine.dispose()
-    cfg = params.feedback.label
-    table, status = export_table(
-        items,
-        votes,
-        adjudicated,
-        Taxonomy.read(params.paths.taxonomy),
-        int(cfg.min_annotators),
-        str(cfg.guideline_version),
-    )
-    known = exported_ids(params.paths.feedback_labels)
-    return int((~table["prediction_id"].isin(known)).sum()), status
 
 
 def stages_run(output: str) -> dict[str, list[str]]:
@@ -134,10 +97,15 @@ def read_gate(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def wait_for_swap(serve_url: str, version: str, timeout_s: float, poll_s: float = 1.0) -> float:
-    """Poll GET <serve_url>/v1/model until it serves `version`; returns the seconds waited."""
+def wait_for_swap(
+    serve_url: str, version: str, timeout_s: float, poll_s: float = 1.0, api_key: str | None = None
+) -> float:
+    """Poll GET <serve_url>/v1/model until it serves `version`; returns the seconds waited.
+
+    The API key is `api_key`, else the first entry of $INTENTOPS_API_KEY (a `name=key` entry is accepted whole).
+    """
     headers = {}
-    key = (os.environ.get(API_KEY_ENV) or "").split(",")[0].strip()
+    key = api_key or (os.environ.get(API_KEY_ENV) or "").split(",")[0].strip()
     if key:
         headers["X-API-Key"] = key
     t0 = time.perf_counter()
@@ -160,23 +128,6 @@ def wait_for_swap(serve_url: str, version: str, timeout_s: float, poll_s: float 
     )
 
 
-def require_new_labels(params: Any, report: Mapping[str, Any]) -> int:
-    """The number of new reviewed labels; raises TooFewLabels below monitor.retrain.min_new_labels."""
-    from intentops.feedback.store import DB_URL_ENV
-
-    cfg, paths = params.monitor.retrain, params.paths
-    n_new, status = new_label_count(params)
-    if n_new < int(cfg.min_new_labels):
-        raise TooFewLabels(
-            f"drift in {', '.join(report['drifted_features'])}, but only {n_new} new reviewed label(s) "
-            f"(queue status: {status}); retraining needs at least {cfg.min_new_labels}",
-            where=f"review queue ({paths.feedback_db} or ${DB_URL_ENV})",
-            fix="label the queue (`intentops label --annotator NAME`, several annotators), then rerun; "
-            "or lower monitor.retrain.min_new_labels",
-        )
-    return n_new
-
-
 def require_promotion(gate: Mapping[str, Any], before: str | None, after: str | None, gate_path: str) -> None:
     """Raise NotPromoted unless the gate promoted a model other than the one in production before."""
     if gate.get("promoted") and after != before:
@@ -196,20 +147,24 @@ def require_promotion(gate: Mapping[str, Any], before: str | None, after: str | 
 def retrain(
     params: Any, report: Mapping[str, Any], serve_url: str | None = None, root: Path | None = None
 ) -> dict[str, Any]:
-    """Export labels, `dvc repro`, read the gate and wait for the swap; see the module docstring.
+    """Publish the labels, `dvc repro`, read the gate and wait for the swap; see the module docstring.
+
+    A report that `--dispatch` already published labels for (report["labels"]) is not published twice:
+    the second count would find nothing new.
 
     Raises:
         TooFewLabels, NotPromoted, UserError: see the exit codes above.
     """
-    from intentops.feedback.label import main_export
+    from intentops.feedback.publish import publish
     from intentops.inference.registry import Registry, registry_url
 
     cfg, paths = params.monitor.retrain, params.paths
     root = Path(root or Path.cwd())
-    n_new = require_new_labels(params, report)
     t0 = time.perf_counter()
-    print(f"retrain 1/4: exporting {n_new} new reviewed label(s) to {paths.feedback_labels}", flush=True)
-    exported = main_export(params)
+    print("retrain 1/4: publishing the reviewed labels (count, export, dvc add, dvc push)", flush=True)
+    labels = report.get("labels") or publish(
+        params, root, reason=f"drift in {', '.join(report['drifted_features'])}"
+    )
     before = Registry.at(registry_url(paths.registry_dir)).production()
     print("retrain 2/4: dvc repro (only stages whose inputs changed rerun)", flush=True)
     repro_s, repro_out = dvc_repro(root, lambda line: print(line, flush=True))
@@ -221,14 +176,19 @@ def retrain(
         flush=True,
     )
     result = {
-        "new_labels": n_new,
-        "exported_rows": exported["rows"],
+        "new_labels": labels["new_labels"],
+        "exported_rows": labels["rows"],
+        "labels": labels,
         "repro_seconds": round(repro_s, 1),
         "stages": stages_run(repro_out),
         "gate": gate,
         "production_before": before,
         "production_after": after,
     }
+    if gate.get("promoted") and gate.get("target") == "candidate":  # $INTENTOPS_PROMOTE_TARGET=candidate
+        print(f"retrain 4/4: {gate.get('challenger')} staged as the candidate; production stays {before}")
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        return result  # nothing to swap to yet: `intentops registry promote` moves production later
     require_promotion(gate, before, after, paths.promote_gate)
     print(f"retrain 4/4: production {before} -> {after}", flush=True)
     if serve_url:

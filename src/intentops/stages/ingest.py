@@ -60,14 +60,14 @@ def run_ingest(
 
 
 def read_feedback_file(path: str | Path) -> tuple[pd.DataFrame, list[str]]:
-    """The reviewed labels (`intentops label export`), a dependency of this stage; git keeps a header-only file."""
+    """The reviewed labels (`intentops labels publish`), a dependency of this stage; git keeps their DVC pointer."""
     path = Path(path)
     if not path.is_file():
         raise UserError(
             "feedback labels file not found",
             where=str(path),
-            fix="restore the header-only file with `git checkout -- data/feedback/labels.csv`, "
-            "or write it with `intentops label export`",
+            fix="run `intentops labels restore` (`make run` does): it writes the header-only file when "
+            f"{path}.dvc names it, else pulls it from the DVC remote; or export it with `intentops label export`",
         )
     return read_feedback(path.read_bytes(), str(path))
 

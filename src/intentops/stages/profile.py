@@ -2,7 +2,10 @@
 
 The reference holds the text features of the validation split and the outputs of the exported model
 (`paths.bundle_dir`, the bundle that `promote` copies into the registry and serving loads) on it:
-predicted intent, calibrated confidence and top1-top2 margin, as serving logs them per request.
+predicted intent, calibrated confidence and top1-top2 margin, as serving logs them per request, and the
+review reason. With the val labels it also measures what the label-free accuracy estimate needs (accuracy of
+rows flagged out_of_distribution, their share, the calibration offset of the others: `performance.py`), stored
+in the reference's whylogs metadata and in vocab.json (which the replicas read).
 """
 
 from __future__ import annotations
