@@ -484,11 +484,16 @@ def window_table(demo: Demo, project: Path, paths: Any, actual: list[float]) -> 
             f"window {r['window']} {r['phase']:>15}: estimated {r['estimated']:.3f} "
             f"[{r['low']:.3f}, {r['high']:.3f}], labelled {shown}, actual {r['actual']:.3f}"
         )
+    # Kept aside: the retrain's drift-check (step 6) rewrites the project's report over the shifted windows only.
+    keep = demo.work / "windows-report"
+    keep.mkdir(parents=True, exist_ok=True)
+    for src in (paths.performance_plot, paths.drift_html, paths.drift_plot):
+        shutil.copy2(project / src, keep / Path(src).name)
     return {
         "windows": rows,
-        "performance_plot": str(project / paths.performance_plot),
-        "drift_report": str(project / paths.drift_html),
-        "drift_plot": str(project / paths.drift_plot),
+        "performance_plot": str(keep / Path(paths.performance_plot).name),
+        "drift_report": str(keep / Path(paths.drift_html).name),
+        "drift_plot": str(keep / Path(paths.drift_plot).name),
     }
 
 

@@ -233,10 +233,11 @@ def render_performance(perf: Mapping[str, Any], png_path: Any) -> bytes:
                 f"n={lab['n']}", (i, lab["accuracy"]), fontsize=7, xytext=(4, -10), textcoords="offset points"
             )
     ax.set_xticks(x, [(w.get("start") or "")[5:16] for w in windows], rotation=30, fontsize=7)
-    ax.set_ylim(max(0.0, min([*est, ref - perf["max_drop"]]) - 0.1), 1.0)
+    lows = [w["low"] for w in windows] + [(w.get("labelled") or {}).get("low") or 1.0 for w in windows]
+    ax.set_ylim(max(0.0, min([*lows, ref - perf["max_drop"]]) - 0.05), 1.0)
     ax.set_ylabel("accuracy")
     ax.set_title("Estimated accuracy per window (label-free) against the reference")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the plot, never over a point
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
         return tmp.read_bytes()
