@@ -118,6 +118,22 @@ def test_writes_are_idempotent(engine):
         assert len(store.table_rows(engine, table)) == 1
 
 
+def shadow_row(prediction_id: str, at: datetime) -> dict:
+    """A shadow_scores row (the shadow challenger's score of one prediction) created at `at`."""
+    return {
+        "prediction_id": prediction_id,
+        "champion_version": "m-1",
+        "challenger_version": "m-2",
+        "champion_intent": "card_arrival",
+        "champion_confidence": 0.9,
+        "challenger_intent": "card_arrival",
+        "challenger_confidence": 0.8,
+        "challenger_ms": 5.0,
+        "challenger_batch": 1,
+        "created_at": at,
+    }
+
+
 def test_prune_deletes_only_what_is_past_retention(engine):
     store.upgrade(engine)
     now = datetime.now(UTC)
@@ -126,6 +142,11 @@ def test_prune_deletes_only_what_is_past_retention(engine):
     store.add_annotation(engine, "new", "ann", "card_arrival")
     store.add_feedback(engine, "old", "card_arrival", "agent", created_at=now - timedelta(days=100))
     store.add_feedback(engine, "new", "card_arrival", "agent")
+    with engine.begin() as conn:
+        conn.execute(
+            store.shadow_scores.insert(),
+            [shadow_row("old", now - timedelta(days=100)), shadow_row("new", now)],
+        )
     deleted = store.prune(engine, retention_days=90)
     assert deleted == {
         "annotations": 1,
@@ -133,8 +154,10 @@ def test_prune_deletes_only_what_is_past_retention(engine):
         "review_queue": 1,
         "feedback": 1,
         "predictions": 0,
+        "shadow_scores": 1,
     }
     assert [i["prediction_id"] for i in store.queue_items(engine)] == ["new"]
+    assert [r["prediction_id"] for r in store.table_rows(engine, store.shadow_scores)] == ["new"]
     assert [r["prediction_id"] for r in store.table_rows(engine, store.annotations)] == ["new"]
     assert [r["prediction_id"] for r in store.table_rows(engine, store.feedback)] == ["new"]
 
