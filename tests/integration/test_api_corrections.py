@@ -267,12 +267,16 @@ def _served(pid: str) -> dict:
     return {"prediction_id": pid, "model_version": "m1", "intent": "card_arrival", "confidence": 0.5}
 
 
-def test_labelled_accuracy_per_window(tmp_path):
-    db = tmp_path / "queue.db"
-    params = project_params(tmp_path, db)
+def upgraded_store(tmp_path):
+    """(params of a project whose store is an upgraded SQLite file, its engine, a fixed start time)."""
+    params = project_params(tmp_path, tmp_path / "queue.db")
     eng = store.engine_from_params(params)
     store.upgrade(eng)
-    t0 = datetime(2024, 6, 1, tzinfo=UTC)
+    return params, eng, datetime(2024, 6, 1, tzinfo=UTC)
+
+
+def test_labelled_accuracy_per_window(tmp_path):
+    params, eng, t0 = upgraded_store(tmp_path)
     items = []
     for i, served_intent in enumerate(["card_arrival", "card_arrival", "pin_blocked"]):
         items.append(
@@ -299,11 +303,7 @@ def test_labelled_accuracy_per_window(tmp_path):
 
 
 def test_corrections_count_as_known_errors_of_their_window_queued_or_not(tmp_path):
-    db = tmp_path / "queue.db"
-    params = project_params(tmp_path, db)
-    eng = store.engine_from_params(params)
-    store.upgrade(eng)
-    t0 = datetime(2024, 6, 1, tzinfo=UTC)
+    params, eng, t0 = upgraded_store(tmp_path)
     served = [("p0", "card_arrival", 0), ("p1", "card_arrival", 1), ("p2", "pin_blocked", 30)]
     with eng.begin() as conn:
         conn.execute(

@@ -38,8 +38,7 @@ def labelled_accuracy(params: Any, windows: list[tuple[datetime, datetime]]) -> 
     engine = store.engine_from_params(params)
     try:
         review = label.read_review(engine, params)
-        _, anonymous = label.api_votes_settings(params)
-        corrected = store.corrected_errors(engine, () if anonymous else (store.ANONYMOUS,))
+        corrected = store.corrected_errors(engine, () if review.count_anonymous else (store.ANONYMOUS,))
     except sa.exc.SQLAlchemyError as err:
         raise UserError(
             f"cannot read the feedback store: {type(err).__name__}",

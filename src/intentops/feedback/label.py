@@ -212,6 +212,7 @@ class Review:
     adjudicated: dict[str, dict]
     min_annotators: int
     api_min_votes: int
+    count_anonymous: bool = False  # feedback.label.api_votes.anonymous: votes of client `anonymous` count
 
     def resolve(self, prediction_id: str) -> tuple[str | None, str]:
         """(final label or None, method) of one queue item; see `resolve`."""
@@ -226,7 +227,7 @@ def read_review(engine: Any, params: Any) -> Review:
     api_min_votes, anonymous = api_votes_settings(params)
     items, votes, notes, adjudicated = load_state(engine, anonymous)
     min_annotators = int(params.feedback.label.min_annotators)
-    return Review(items, votes, notes, adjudicated, min_annotators, api_min_votes)
+    return Review(items, votes, notes, adjudicated, min_annotators, api_min_votes, anonymous)
 
 
 def review_of(params: Any) -> Review:
