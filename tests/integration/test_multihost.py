@@ -535,7 +535,32 @@ def wait_for_event(site: Site, event: str, since: float, match, what: str, hosts
                 found[host] = hits[-1]
         return found if all(h in found for h in hosts) else None
 
-    return wait_for(seen, STEP_TIMEOUT_S, what)
+    try:
+        return wait_for(seen, STEP_TIMEOUT_S, what)
+    except AssertionError as err:  # say what the replicas did meanwhile, or a CI failure cannot be explained
+        raise AssertionError(f"{err}\n{replica_story(site, since)}") from None
+
+
+def replica_story(site: Site, since: float, per_host: int = 40) -> str:
+    """The replicas' own log lines (not the request log) logged after `since`, per host, for a failure message."""
+    lines = []
+    for host in ("head", "worker"):
+        recs = []
+        for log in sorted(
+            site.temp(host).glob("session_2*/logs/serve/replica_intentops_IntentService_*.log")
+        ):
+            if log.name.endswith(".requests.log"):
+                continue
+            for line in log.read_text(errors="replace").splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    rec = json.loads(line)
+                    if _log_time(rec) >= since - 5:
+                        recs.append(
+                            f"  {rec.get('asctime')} {log.name[-12:-4]} {str(rec.get('message'))[:300]!r}"
+                        )
+        lines += [f"{host} replica log since the step began ({len(recs)} lines, the last {per_host}):"]
+        lines += recs[-per_host:]
+    return "\n".join(lines)
 
 
 def _log_time(rec: dict) -> float:

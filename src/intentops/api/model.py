@@ -203,7 +203,8 @@ class ModelSlot:
         self.current: LoadedModel | None = None
         self.failure: ReloadFailure | None = None
         self._lock = asyncio.Lock()
-        self._pointer_seen: str | None = None
+        self._pointer_seen: str | None = None  # the production pointer at the last poll
+        self._loaded_from: str | None = None  # the registry version the current model was resolved as
         self._reloads = Counter(
             "intentops_model_reloads", description="Model loads by outcome.", tag_keys=("outcome",)
         )
@@ -241,6 +242,7 @@ class ModelSlot:
                 bundle_dir, registry_version = await self._run_io(resolve_bundle, s, self.root)
                 target = str(bundle_dir)
                 if not force and self.current is not None and self.current.bundle_dir == bundle_dir:
+                    self._loaded_from = registry_version
                     self._failed(None, target, force)
                     return False
                 model = await self._run_io(load_model, bundle_dir, registry_version, s)
@@ -251,6 +253,7 @@ class ModelSlot:
                 self._failed(err, target, force)
                 return False
             previous, self.current = self.current, model  # the swap: new requests see the new model from here
+            self._loaded_from = registry_version
             self._fallback.set(
                 1 if model.variant["reason"] else 0, tags={"requested": model.variant["requested"]}
             )
@@ -285,7 +288,12 @@ class ModelSlot:
         )
 
     async def watch(self) -> None:
-        """Retry a failed load when due; poll the production pointer and load the version it names when it moves."""
+        """Retry a failed load when due; poll the production pointer and load the version it names when it moves.
+
+        A poll also reloads when the pointer names a version other than the one served although it did not move
+        (a reload that resolved an older pointer, or any other missed move): the replica converges on the
+        pointer instead of trusting that it saw every move.
+        """
         while True:
             interval = self._settings()["watch_interval_s"]
             await asyncio.sleep(interval or 1.0)
@@ -301,6 +309,15 @@ class ModelSlot:
             except Exception as err:  # an unreachable registry: keep serving, poll again
                 log.warning("cannot read the production pointer at %s: %s", registry.url, err)
                 continue
-            if seen != self._pointer_seen:
+            moved, behind = seen != self._pointer_seen, seen != self._loaded_from and self.failure is None
+            if moved:
+                log.info(
+                    "production pointer: %s -> %s (serving %s)",
+                    self._pointer_seen,
+                    seen,
+                    self.current.version if self.current else None,
+                    extra={"ray_serve_extra_fields": {"event": "pointer_moved", "model_version": seen}},
+                )
                 self._pointer_seen = seen
+            if moved or (behind and seen):
                 await self.reload()
