@@ -96,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:  # long: one declaration per subc
         "the step output retrain=true/false",
     ).set_defaults(func=_labels, action="receive")
 
+    p = sub.add_parser("lock", help="dvc.lock across machines: adopt a fresh run's lock, compare runs")
+    lock_sub = p.add_subparsers(dest="lock_command", required=True)
+    r = lock_sub.add_parser(
+        "adopt",
+        help="copy a run's dvc.lock and the outputs git carries (dvc.yaml's cache: false) into this checkout",
+    )
+    r.add_argument("run", help="the run's checkout, e.g. ../ci-check after `make run` there")
+    r.set_defaults(func=_lock, action="adopt")
+    r = lock_sub.add_parser(
+        "compare", help="each stage output's hash in each run, side by side; exit 1 if any differs"
+    )
+    r.add_argument("runs", nargs="+", help="checkouts whose dvc.lock to compare")
+    r.set_defaults(func=_lock, action="compare")
+
     p = sub.add_parser("db", help="feedback database administration")
     db_sub = p.add_subparsers(dest="db_command", required=True)
     db_sub.add_parser("upgrade", help="create or migrate the schema").set_defaults(func=_db_upgrade)
@@ -229,6 +243,23 @@ def _labels(args: argparse.Namespace) -> None:
     {"publish": publish.main_publish, "restore": publish.main_restore, "receive": publish.main_receive}[
         args.action
     ](load_params())
+
+
+def _lock(args: argparse.Namespace) -> None:
+    import json
+    import sys
+
+    from intentops import lockfile
+
+    if args.action == "adopt":
+        for path in lockfile.adopt(args.run, "."):
+            print(f"adopted {path}")
+        return
+    lines, verdict = lockfile.compare(args.runs)
+    print("\n".join(lines))
+    print(json.dumps({"runs": args.runs, "different": verdict["different"], "same": len(verdict["same"])}))
+    if verdict["different"]:
+        sys.exit(1)
 
 
 def _db_upgrade(args: argparse.Namespace) -> None:

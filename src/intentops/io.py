@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +62,32 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_metrics(
+    path: str | os.PathLike, metrics: dict, facts_dir: str | os.PathLike, facts: Sequence[str]
+) -> None:
+    """Write a stage's metrics (a DVC output) without the keys in `facts`, which go to <facts_dir>/<name>.json.
+
+    Timings, speeds and run ids are facts about one run on one machine: in a DVC output they would change its
+    hash on every run of the same inputs (and rerun what depends on it). The facts file is a report, not an
+    output; the log says the same.
+    """
+    path = Path(path)
+    write_json(path, {k: v for k, v in metrics.items() if k not in facts})
+    write_json(Path(facts_dir) / f"{path.parent.name}.json", {k: metrics[k] for k in facts if k in metrics})
+
+
+def write_npz(path: str | os.PathLike, arrays: Mapping[str, Any]) -> None:
+    """np.savez's format (np.load reads it), atomically, with fixed entry times: the same arrays give the same
+    bytes (np.savez stamps each entry with the clock, so every run made a new DVC output)."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+        for name in sorted(arrays):
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asanyarray(arrays[name]), allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())

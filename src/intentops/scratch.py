@@ -20,7 +20,7 @@ from intentops.errors import UserError
 
 # The pipeline's code and config; its inputs (paths.external_dir, paths.feedback_labels with its DVC pointer and
 # .gitignore) are added from params.
-CODE_ITEMS = ("conf", "src", "dvc.yaml", "serving", ".gitignore")
+CODE_ITEMS = ("conf", "src", "dvc.yaml", "serving", ".gitignore", ".dvcignore")
 GIT = ["git", "-c", "user.name=intentops-scratch", "-c", "user.email=scratch@localhost"]
 
 

@@ -183,6 +183,10 @@ def restore(labels: str | os.PathLike, root: str | os.PathLike = ".") -> str:
     if pointer["md5"] == hashlib.md5(header_bytes()).hexdigest():
         where.parent.mkdir(parents=True, exist_ok=True)
         where.write_bytes(header_bytes())
+        if (
+            root / ".dvc"
+        ).is_dir():  # into the DVC cache too, so a later `dvc push` carries it (pointer unchanged)
+            dvc(["commit", "-q", "-f", str(pointer_path(labels))], root)
         return "header-only"
     if remote_configured(root):
         dvc(["pull", "-q", str(pointer_path(labels))], root)

@@ -233,8 +233,11 @@ class TorchPredictor(Predictor):
         import joblib
         import torch
 
+        from intentops.models.tfidf import strip_process_state
+
         bundle_dir = Path(bundle_dir)
         bundle_dir.mkdir(parents=True, exist_ok=True)
+        strip_process_state(getattr(self.featurizer, "vectorizer", None))  # same fit, same bytes
         joblib.dump(self.featurizer, bundle_dir / layout.FEATURIZER_FILE)
         torch.save(self.net.state_dict(), bundle_dir / layout.WEIGHTS_FILE)
         self.meta = {

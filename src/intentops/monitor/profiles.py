@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WINDOW_GLOB = "window-*.bin"
+# The reference profile's dataset and creation time: fixed, so the same val and model give the same file.
+REFERENCE_TIME = datetime(2000, 1, 1, tzinfo=UTC)
 # Reference-profile metadata key (and vocab.json key) holding `performance.reference_stats` of val.
 PERFORMANCE_KEY = "performance"
 
@@ -84,16 +86,23 @@ def reference_profile(
     return vocab, profile_frame(utterance_features(reference_texts, vocab, predictions))
 
 
-def with_metadata(view: DatasetProfileView, metadata: Mapping[str, str]) -> DatasetProfileView:
-    """The same profile with whylogs dataset metadata (string pairs that travel inside the serialized file)."""
+def with_metadata(
+    view: DatasetProfileView, metadata: Mapping[str, str], timestamp: datetime | None = None
+) -> DatasetProfileView:
+    """The same profile with whylogs dataset metadata (string pairs that travel inside the serialized file) and,
+    given `timestamp`, that dataset and creation time instead of the clock's, and without whylogs' random trace id."""
     import_whylogs()
     from whylogs.core import DatasetProfileView
 
+    merged = {**(view.metadata or {}), **metadata}
+    if timestamp is not None:  # and no per-profile random id: the same columns give the same file
+        merged.pop("whylabs.traceId", None)
+        merged["whylogs.creationTimestamp"] = str(int(timestamp.timestamp() * 1000))
     return DatasetProfileView(
         columns=view.get_columns(),
-        dataset_timestamp=view.dataset_timestamp,
-        creation_timestamp=view.creation_timestamp,
-        metadata={**(view.metadata or {}), **metadata},
+        dataset_timestamp=timestamp or view.dataset_timestamp,
+        creation_timestamp=timestamp or view.creation_timestamp,
+        metadata=merged,
     )
 
 
@@ -140,10 +149,13 @@ def write_reference(
     predictions = reference_predictions(bundle_dir, texts["val"]) if bundle_dir else None
     vocab, view = reference_profile(texts["train"], texts["val"], vocab_min_count, predictions)
     vocab_doc: dict[str, Any] = {"min_count": vocab_min_count, "tokens": sorted(vocab)}
+    metadata = {}
     if predictions is not None and "label" in frames["val"]:
         stats = val_performance(predictions, frames["val"]["label"].astype(str).tolist())
-        view = with_metadata(view, {PERFORMANCE_KEY: json.dumps(stats)})
+        metadata[PERFORMANCE_KEY] = json.dumps(stats)
         vocab_doc[PERFORMANCE_KEY] = stats
+    # A DVC output: the reference is of val, not of a moment, so it carries a fixed time (REFERENCE_TIME).
+    view = with_metadata(view, metadata, REFERENCE_TIME)
     write_json(vocab_path, vocab_doc)
     fs, root = url_to_fs(reference_path)
     put_atomic(fs, root, view.serialize())

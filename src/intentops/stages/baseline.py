@@ -11,7 +11,7 @@ from sklearn.svm import LinearSVC
 
 from intentops.config import load_params
 from intentops.errors import cli_entry
-from intentops.io import write_json
+from intentops.io import write_metrics
 from intentops.metrics import classification_summary
 from intentops.models.tfidf import make_tfidf
 
@@ -45,7 +45,7 @@ def main() -> None:
     paths, bcfg = cfg.paths, cfg.baseline
     train, test = pd.read_parquet(paths.train), pd.read_parquet(paths.test)
     metrics = run_baseline(train, test, OmegaConf.to_container(bcfg.tfidf), bcfg.C, cfg.seed)
-    write_json(paths.baseline_metrics, metrics)
+    write_metrics(paths.baseline_metrics, metrics, paths.run_facts_dir, ("fit_seconds",))
     log.info(
         "baseline: test accuracy %.4f, macro-F1 %.4f",
         metrics["test"]["accuracy"],

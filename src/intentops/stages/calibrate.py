@@ -31,7 +31,7 @@ from intentops.inference.ood import (
     softmax,
     split_metrics,
 )
-from intentops.io import atomic_path, write_json
+from intentops.io import atomic_path, write_json, write_npz
 from intentops.metrics import expected_calibration_error
 from intentops.models.labels import encode_with_oos
 
@@ -212,9 +212,7 @@ def calibration_inputs(paths, predictor, oos_label: str) -> dict:
 def write_outputs(paths, result: dict) -> None:
     """calibration.json + its .npz of statistics, the metrics and the two DVC plots, each written atomically."""
     result["calibration"]["ood"]["stats_file"] = paths.calibration_stats.rsplit("/", 1)[-1]
-    with atomic_path(paths.calibration_stats) as tmp:
-        with open(tmp, "wb") as fh:  # np.savez would append ".npz" to a bare temp name
-            np.savez(fh, **result["stats"])
+    write_npz(paths.calibration_stats, result["stats"])
     write_json(paths.calibration, result["calibration"])
     with atomic_path(paths.calibrate_risk_coverage) as tmp:
         pd.DataFrame(result["plots"]["risk_coverage"]).to_csv(tmp, index=False)

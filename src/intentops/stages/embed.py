@@ -13,7 +13,7 @@ from intentops.config import load_params
 from intentops.data.splits import SPLITS
 from intentops.errors import cli_entry
 from intentops.io import atomic_path, write_json
-from intentops.models.encoder import check_layers, load_encoder, resolve_encoder, run_embed
+from intentops.models.encoder import check_layers, encoder_identity, load_encoder, run_embed
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def main() -> None:
         write_json(
             Path(tmp) / "meta.json",
             {
-                "encoder": resolve_encoder(ecfg.model),
+                "encoder": encoder_identity(ecfg.model),
                 "shapes": shapes,
                 "max_seq_length": encoder.max_seq_length,
                 "layers": layers,

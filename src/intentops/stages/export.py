@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import time
 import warnings
 from pathlib import Path
 
@@ -59,9 +58,10 @@ from intentops.inference.ood import (
     variant_calibration,
 )
 from intentops.inference.predictor import OnnxPredictor, Predictor
-from intentops.io import atomic_path, read_json, write_json
+from intentops.io import atomic_path, read_json, write_json, write_npz
 from intentops.metrics import classification_summary
 from intentops.models.labels import encode_with_oos, label_ids
+from intentops.models.tfidf import strip_process_state
 from intentops.timing import latency_ms, timed
 
 log = logging.getLogger(__name__)
@@ -273,12 +273,12 @@ def write_bundle(
         export_s += timed(quantize, out / ONNX_FILE, out / INT8_FILE)[1]
         variants["int8"] = INT8_FILE
     write_tokenizer(encoder_dir, out / TOKENIZER_FILE, int(encoder.max_seq_length))
+    strip_process_state(predictor.featurizer.vectorizer)  # same fit, same bytes
     joblib.dump(predictor.featurizer.vectorizer, out / TFIDF_FILE)
     write_json(out / LABELS_FILE, predictor.labels)
     write_json(out / CALIBRATION_FILE, calibration or {"temperature": 1.0, "ood": {}})
     if ood_stats:
-        with open(out / OOD_STATS_FILE, "wb") as fh:  # np.savez would add ".npz" to a name without it
-            np.savez(fh, **ood_stats)
+        write_npz(out / OOD_STATS_FILE, ood_stats)
     meta = {
         "format": "onnx",
         "model": predictor.meta.get("model"),
@@ -595,6 +595,9 @@ def build_card(
 ) -> dict:
     """The model card: what was exported, from which data, code and config, and how well it does.
 
+    Only what the inputs decide: no time, path, speed or run id (the bundle is a DVC output, and its version
+    names its content), so the same inputs give the same card on any machine.
+
     Args:
         reports: the train and eval metrics json (None when a report is missing).
         calibration: the bundle's calibration.json (temperature, out-of-scope method and threshold, review).
@@ -604,17 +607,13 @@ def build_card(
     return {
         "version": version,
         "model": train.get("model") or params.get("model", {}).get("name"),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "calibration": card_calibration(calibration or {}),
         "metrics": {
             "train": {k: train[k] for k in ("val", "test", "size") if k in train},
             "eval": evaluate.get("test", {}),
+            # Speeds are facts of this machine: reports/export/metrics.json has them, not the bundle.
             "export": {
-                v: {
-                    k: m[v][k]
-                    for k in ("accuracy", "macro_f1", "sentences_per_s", "single_ms_p50")
-                    if k in m[v]
-                }
+                v: {k: m[v][k] for k in ("accuracy", "macro_f1") if k in m[v]}
                 for v in ("fp32", "int8")
                 if v in m
             },
@@ -623,7 +622,6 @@ def build_card(
         "data": {"sha256": data_sha256},
         "params": params,
         "git_revision": git_rev,
-        "wandb": train.get("wandb"),
     }
 
 

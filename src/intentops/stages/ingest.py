@@ -90,15 +90,21 @@ def fetch_dataset(
         content, digest, location = fetch_verified(spec, data.name, mirror, ingest.timeout_s, ingest.retries)
         (raw_dir / Path(location).name).write_bytes(content)
         parts.append(parse_file(content, location, spec.key, data))
-        manifest.append({"key": spec.key, "location": location, "sha256": digest, "rows": len(parts[-1])})
+        manifest.append(_entry(spec.key, location, digest, len(parts[-1])))
     taxonomy = None
     if data.get("taxonomy"):
         spec = FileSpec.from_config("taxonomy", data.taxonomy)
         content, digest, location = fetch_verified(spec, data.name, mirror, ingest.timeout_s, ingest.retries)
         (raw_dir / Path(location).name).write_bytes(content)
         taxonomy = read_taxonomy(content, location)
-        manifest.append({"key": "taxonomy", "location": location, "sha256": digest, "rows": len(taxonomy)})
+        manifest.append(_entry("taxonomy", location, digest, len(taxonomy)))
     return parts, taxonomy, manifest
+
+
+def _entry(key: str, location: str, digest: str, rows: int) -> dict:
+    """A manifest line: what identifies the file (its name under raw/, sha256), never where this machine read it
+    (the mirror's absolute path would make the same data a different output on every machine; fetching logs it)."""
+    return {"key": key, "file": Path(location).name, "sha256": digest, "rows": rows}
 
 
 @cli_entry
@@ -112,7 +118,7 @@ def main() -> None:
         manifest.append(
             {
                 "key": "feedback",
-                "location": str(paths.feedback_labels),
+                "file": Path(paths.feedback_labels).name,
                 "rows": len(feedback),
                 "proposed_intents": proposed,
             }

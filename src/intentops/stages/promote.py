@@ -245,7 +245,7 @@ def main() -> None:
     from intentops.config import load_params
     from intentops.inference.predictor import Predictor
     from intentops.inference.registry import Registry, registry_url
-    from intentops.io import write_json
+    from intentops.io import write_metrics
     from intentops.models.labels import encode_labels
 
     cfg = load_params()
@@ -271,7 +271,7 @@ def main() -> None:
     )
     result["target"] = update_registry(registry, state, paths.bundle_dir, result, target)
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    write_json(paths.promote_gate, result)
+    write_metrics(paths.promote_gate, result, paths.run_facts_dir, ("seconds",))
     log.info(
         "promote %s vs %s: %s (%s)",
         version,

@@ -8,10 +8,13 @@ from pathlib import Path
 
 from intentops.config import load_params
 from intentops.errors import cli_entry
-from intentops.io import atomic_path, write_json
+from intentops.io import atomic_path, write_metrics
 from intentops.training import train_from_config
 
 log = logging.getLogger(__name__)
+
+# What one run on one machine measured: reports/runs/train.json, not the metrics output.
+RUN_FACTS = ("inference_ms_per_sentence", "fit_seconds", "seconds", "wandb")
 
 
 @cli_entry
@@ -23,7 +26,7 @@ def main() -> None:
         tempfile.TemporaryDirectory(prefix="intentops-train-") as work,
     ):
         metrics = train_from_config(cfg, bundle_tmp, Path(work))
-    write_json(paths.train_metrics, metrics)
+    write_metrics(paths.train_metrics, metrics, paths.run_facts_dir, RUN_FACTS)
     log.info(
         "train (%s): val accuracy %.4f, test accuracy %.4f, %d params, %.2f ms/sentence",
         metrics["model"],

@@ -267,25 +267,26 @@ def main() -> None:
     labels = list(taxonomy.labels)
     frames = {"canonical_rows": derive_row_checks(table), "class_counts": class_counts(table, labels)}
     suites = build_suites(labels, taxonomy.oos_label, cfg.validate)
-    out_dir = Path(paths.validation_dir)
-    failed_dir = out_dir.with_name(out_dir.name + "-failed")
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir(parents=True)
-        summary = run_validation(frames, suites, tmp / "data_docs")
+    failed_dir = Path(paths.validation_dir).with_name(Path(paths.validation_dir).name + "-failed")
+    with atomic_path(paths.validation_docs) as docs:
+        docs.mkdir(parents=True)
+        summary = run_validation(frames, suites, docs)
         summary["class_imbalance_ratio"] = float(frames["class_counts"]["ratio_to_smallest"].max())
         summary["rows"] = len(table)
-        summary["docs"] = str(out_dir / "data_docs" / "index.html")
+        summary["docs"] = str(Path(paths.validation_docs) / "index.html")
         if not summary["success"]:
-            # Keep the last good reports in place; publish this run's evidence next to them.
+            # Keep the last good verdict and reports in place; publish this run's evidence next to them.
             shutil.rmtree(failed_dir, ignore_errors=True)
-            shutil.copytree(tmp, failed_dir)
+            shutil.copytree(docs, failed_dir / "data_docs")
             write_json(failed_dir / "result.json", summary)
             raise DataValidationError(
                 failure_message(summary, table),
                 where=f"{paths.canonical} (Data Docs: {failed_dir}/data_docs/index.html)",
                 fix="fix the rows listed above in the source data (or the taxonomy), then rerun `dvc repro`",
             )
-        write_json(tmp / "result.json", summary)
+    # The verdict (the stage's only DVC output, and split's dependency) holds what the data is, never when it was
+    # checked; the Data Docs next to it carry GX's run times, so they are a report, not an output.
+    write_json(paths.validation_result, summary)
     shutil.rmtree(failed_dir, ignore_errors=True)
     for w in summary["warnings"]:
         log.warning(
