@@ -42,7 +42,8 @@ gate-status: $(STAMP) ## Read the promotion gate (missing = not promoted); for C
 	p = pathlib.Path(sys.argv[1]); \
 	g = json.loads(p.read_text()) if p.is_file() else {"promoted": False, "reason": f"{p} not found: the promote stage did not run"}; \
 	ok = g.get("promoted") is True; verdict = "promoted" if ok else "not promoted"; \
-	open(os.environ.get("GITHUB_OUTPUT") or os.devnull, "a").write(f"promoted={str(ok).lower()}\n"); \
+	t = g.get("target") or ""; \
+	open(os.environ.get("GITHUB_OUTPUT") or os.devnull, "a").write(f"promoted={str(ok).lower()}\ntarget={t}\n"); \
 	open(os.environ.get("GITHUB_STEP_SUMMARY") or os.devnull, "a").write(f"## Promotion gate: {verdict}\n\n```json\n{json.dumps(g, indent=2)}\n```\n"); \
 	print(f"gate: {verdict} ({p})")' $(GATE)
 

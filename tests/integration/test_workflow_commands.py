@@ -22,7 +22,7 @@ from support import ROOT, make_project, run
 @pytest.mark.parametrize(
     "gate, promoted",
     [
-        ({"promoted": True, "reasons": ["macro-F1 diff +0.0040"]}, "true"),
+        ({"promoted": True, "reasons": ["macro-F1 diff +0.0040"], "target": "candidate"}, "true"),
         (
             {"promoted": False, "reasons": ["largest per-intent F1 drop 0.12 (card_arrival) > δ (0.05)"]},
             "false",
@@ -40,7 +40,8 @@ def test_make_gate_status_writes_output_and_summary(tmp_path, gate, promoted):
         ROOT,
         {"GITHUB_OUTPUT": str(out), "GITHUB_STEP_SUMMARY": str(summary)},
     )
-    assert out.read_text() == f"promoted={promoted}\n"
+    target = (gate or {}).get("target", "")
+    assert out.read_text() == f"promoted={promoted}\ntarget={target}\n"
     text = summary.read_text()
     assert (
         "## Promotion gate: promoted" if promoted == "true" else "## Promotion gate: not promoted"

@@ -298,8 +298,14 @@ def test_a_merged_retrain_moves_production_behind_the_environment() -> None:
     assert triggers["push"] == {"branches": ["main"], "paths": ["reports/promote/gate.json"]}
     assert "version" in triggers["workflow_dispatch"]["inputs"]
     assert all(job.get("environment") == "production" for job in workflow["jobs"].values())
-    commands = [step.get("run", "") for _, step in _steps(workflow)]
-    assert ".venv/bin/intentops registry promote --gate reports/promote/gate.json" in commands
+    (promote,) = [
+        s
+        for _, s in _steps(workflow)
+        if s.get("run") == ".venv/bin/intentops registry promote --gate reports/promote/gate.json"
+    ]
+    # Only a staged candidate rolls out: a gate that went straight to production (a local run, an adopted lock)
+    # was applied where it ran.
+    assert "steps.gate.outputs.target == 'candidate'" in promote["if"]
 
 
 def test_the_retrain_pull_request_stages_a_candidate_and_carries_no_model() -> None:
