@@ -91,6 +91,9 @@ SMALL = [
     "train.num_threads=2",
     "validate.min_examples_per_class=5",
     "split.val_fraction=0.2",
+    # The fixture's val is small, so the default would cross-fit (20 extra fits) in every test that trains;
+    # tests/integration/test_small_data.py and tests/unit/test_crossfit.py run it.
+    "train.crossfit.enabled=false",
 ]
 
 

@@ -180,6 +180,13 @@ def _rows_csv(extra):
     return to_csv([*train, *extra])
 
 
+def _thinned_csv(label: str, keep: int):
+    """The fixture's train file with only the first `keep` rows of `label`."""
+    train, _ = fixture_rows()
+    kept = [r for r in train if r[1] != label] + [r for r in train if r[1] == label][:keep]
+    return to_csv(kept)
+
+
 BAD_INPUTS = {
     # case: (files to write into the mirror, extra overrides, expected stage, substrings of the message)
     "missing file": (
@@ -236,6 +243,29 @@ BAD_INPUTS = {
         [],
         "validate",
         ["no conflicting labels", "train.csv:"],
+    ),
+    # Warnings by default (tests/integration/test_small_data.py runs them through the pipeline); stops when strict.
+    "one-character text, strict": (
+        {"train.csv": _rows_csv([(",", "card_arrival")])},
+        ["validate.strict=true"],
+        "validate",
+        [
+            "characters long",
+            "text=','",
+            "train.csv:",
+            "-S validate.text_min_chars=1",
+            "validate.strict=false",
+        ],
+    ),
+    "small intent, strict": (
+        {"train.csv": _thinned_csv("exchange_rate", 2)},
+        ["validate.strict=true"],
+        "validate",
+        [
+            "'exchange_rate': 2 training row(s)",
+            "-S validate.min_examples_per_class=1",
+            "validate.strict=false",
+        ],
     ),
     "taxonomy disagrees": (
         {"categories.json": json.dumps(["card_arrival", "exchange_rate"]).encode()},

@@ -42,7 +42,11 @@ def test_run_calibrate_with_oos_rows(method):
     trl, try_, tre = synthetic(500, 0, seed=3)
     res = run_calibrate(vl, vy, tl, ty, {**CFG, "method": method}, "oos", ve, te, tre, try_)
     cal, m = res["calibration"], res["metrics"]
-    assert set(cal) == {"temperature", "ood", "review", "oos_label", "oos_index"} and cal["oos_index"] is None
+    assert set(cal) == {"temperature", "ood", "review", "oos_label", "oos_index", "fitted_on"}
+    assert cal["oos_index"] is None and cal["fitted_on"] == "val"
+    recall = m["calibration_rows"]["expected"]["oos_recall"]  # 200 OOS rows: about +-0.07 around the target
+    assert recall["low"] <= 0.6 <= recall["high"]
+    assert len(m["warnings"]) == (recall["low"] < 0.6 - CFG.get("max_shortfall", 0.05))
     assert cal["temperature"] > 2  # logits were scaled x6: a temperature well above 1 undoes it
     assert m["val"]["ece_after"] < m["val"]["ece_before"]
     assert m["val"]["oos_recall"] >= 0.6

@@ -149,3 +149,31 @@ def test_fp32_calibration_holds_for_int8_only_within_a_point(int8_val, holds):
 
     fp32_val = {"ece": 0.01, "coverage": 0.95, "oos_recall": 0.75}
     assert fp32_calibration_holds(fp32_val, int8_val) is holds
+
+
+@pytest.mark.parametrize("fitted_on, refit", [("val", True), ("crossfit", False)])
+def test_int8_is_refit_on_val_only_when_val_was_what_fp32_was_fitted_on(tmp_path, fitted_on, refit):
+    """A cross-fitted calibration (a small val, which with train.crossfit.refit also trained the model) is never
+    refit for int8 on val: fp32's applies, and the check says why."""
+    from intentops.inference import bundle as layout
+    from intentops.inference.predictor import Predictor
+    from intentops.io import write_json
+    from intentops.stages.export import int8_calibration
+    from support import write_tiny_onnx_bundle
+
+    confident = tmp_path / "confident"
+    write_tiny_onnx_bundle(confident, ["a", "b", "c"], confident=True)
+    bundle = tmp_path / "bundle"
+    write_tiny_onnx_bundle(bundle, ["a", "b", "c"], confident=False)
+    (bundle / layout.INT8_FILE).write_bytes((confident / layout.ONNX_FILE).read_bytes())
+    meta = json.loads((bundle / layout.BUNDLE_META).read_text())
+    write_json(
+        bundle / layout.BUNDLE_META, {**meta, "variants": {"fp32": "model.onnx", "int8": "model.int8.onnx"}}
+    )
+    write_json(bundle / layout.CALIBRATION_FILE, {**FP32, "fitted_on": fitted_on})
+    layout.seal(bundle)
+    fp32, int8 = Predictor.load(bundle), Predictor.load(bundle, variant="int8")
+    texts = ["my card was stolen", "what is the rate", "top up failed", "pin blocked"] * 5
+    own, check = int8_calibration(fp32, int8, texts, np.array([0, 1, 2, -1] * 5), 8, 10)
+    assert check["fp32_calibration_holds"] is False  # the two graphs disagree on purpose
+    assert bool(own) is refit and ("refit" in check) is not refit

@@ -188,6 +188,30 @@ def choose_threshold(
     return float(sign * (np.nextafter(sorted_s[i], np.inf)))
 
 
+def threshold_inputs(
+    logits: np.ndarray,
+    y: np.ndarray,
+    ood: dict,
+    temperature: float,
+    oos_index: int | None = None,
+    emb: np.ndarray | None = None,
+) -> dict[str, np.ndarray | None]:
+    """What `choose_threshold` reads, from raw logits: {"scores", "is_oos", "correct", "flagged"} (see there).
+
+    With a trained out-of-scope class (`oos_index`), its top-1s are flagged whatever the score, and the score is
+    computed over the other columns (as `postprocess` does).
+    """
+    is_oos = y < 0
+    in_scope = logits if oos_index is None else np.delete(logits, oos_index, axis=1)
+    pred = softmax(logits, temperature).argmax(axis=1)
+    return {
+        "scores": ood_scores(in_scope, ood, temperature, emb),
+        "is_oos": is_oos,
+        "correct": (pred == y) & ~is_oos,
+        "flagged": pred == oos_index if oos_index is not None else None,
+    }
+
+
 def fit_threshold(
     val_logits: np.ndarray,
     val_y: np.ndarray,
@@ -202,17 +226,92 @@ def fit_threshold(
     Args:
         val_logits: (n, k) raw logits; val_y: (n,) label ids, −1 for out-of-scope rows.
         ood: {"method", "higher_is_ood"[, "k", "stats"]}: the score to threshold.
-        oos_index: the logit column of a trained out-of-scope class; its top-1s are flagged whatever the
-            score, and the score is computed over the other columns (as `postprocess` does).
+        oos_index: the logit column of a trained out-of-scope class (see `threshold_inputs`).
         val_emb: (n, d) sentence embeddings, for "mahalanobis" and "knn".
     """
-    val_oos = val_y < 0
-    in_scope = val_logits if oos_index is None else np.delete(val_logits, oos_index, axis=1)
-    scores = ood_scores(in_scope, ood, temperature, val_emb)
-    pred = softmax(val_logits, temperature).argmax(axis=1)
-    correct = (pred == val_y) & ~val_oos
-    flagged = pred == oos_index if oos_index is not None else None
-    return choose_threshold(scores, val_oos, correct, ood["higher_is_ood"], target, flagged)
+    x = threshold_inputs(val_logits, val_y, ood, temperature, oos_index, val_emb)
+    return choose_threshold(
+        x["scores"], x["is_oos"], x["correct"], ood["higher_is_ood"], target, x["flagged"]
+    )
+
+
+def operating_point(
+    scores: np.ndarray, is_oos: np.ndarray, flagged: np.ndarray | None, threshold: float, higher_is_ood: bool
+) -> dict[str, float]:
+    """Coverage (in-scope rows accepted) and, with out-of-scope rows, their recall, at `threshold`."""
+    out = is_ood(scores, threshold, higher_is_ood)
+    if flagged is not None:
+        out = out | flagged
+    point = {"coverage": float((~out[~is_oos]).mean()) if (~is_oos).any() else float("nan")}
+    if is_oos.any():
+        point["oos_recall"] = float(out[is_oos].mean())
+    return point
+
+
+def _rows(x: dict, idx: np.ndarray) -> dict:
+    """The rows `idx` (indices or a mask) of every array in a `threshold_inputs` record."""
+    return {k: None if v is None else v[idx] for k, v in x.items()}
+
+
+def _choose(x: dict, higher_is_ood: bool, target: dict[str, float]) -> float:
+    return choose_threshold(x["scores"], x["is_oos"], x["correct"], higher_is_ood, target, x["flagged"])
+
+
+def _point(x: dict, threshold: float, higher_is_ood: bool) -> dict[str, float]:
+    return operating_point(x["scores"], x["is_oos"], x["flagged"], threshold, higher_is_ood)
+
+
+def expected_operating_point(
+    x: dict,
+    higher_is_ood: bool,
+    target: dict[str, float],
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """The coverage (and recall) to expect on new data from choosing the threshold on rows `x`
+    (`threshold_inputs`), with a bootstrap interval: on each resample (in-scope and out-of-scope rows resampled
+    separately) the threshold is chosen again and measured on all of `x`, standing in for the population. The
+    spread is that of the threshold's true coverage; a finite test set adds its own sampling noise.
+
+    Returns:
+        {"in_sample": the chosen threshold's figures on `x`, "expected": {figure: {"estimate" (median), "low",
+        "high"}}, "resamples", "level", "rows", "oos_rows"}
+    """
+    rng = np.random.default_rng(seed)
+    groups = [g for g in (np.flatnonzero(~x["is_oos"]), np.flatnonzero(x["is_oos"])) if len(g)]
+    draws = []
+    for _ in range(int(n_boot)):
+        idx = np.concatenate([rng.choice(g, len(g)) for g in groups])
+        draws.append(_point(x, _choose(_rows(x, idx), higher_is_ood, target), higher_is_ood))
+    q = ((1 - level) / 2, 0.5, 1 - (1 - level) / 2)
+    expected = {}
+    for key in draws[0] if draws else {}:
+        low, mid, high = np.quantile([d[key] for d in draws], q)
+        expected[key] = {"estimate": float(mid), "low": float(low), "high": float(high)}
+    return {
+        "in_sample": _point(x, _choose(x, higher_is_ood, target), higher_is_ood),
+        "expected": expected,
+        "resamples": len(draws),
+        "level": level,
+        "rows": int((~x["is_oos"]).sum()),
+        "oos_rows": int(x["is_oos"].sum()),
+    }
+
+
+def support_warnings(expected: dict, target: dict[str, float], max_shortfall: float, where: str) -> list[str]:
+    """Why the calibration rows cannot support the target: the lower end of the expected figure's interval is
+    more than `max_shortfall` below it. Empty when they can (or the target is not a coverage or recall)."""
+    ((name, value),) = target.items()
+    figure = (expected.get("expected") or {}).get(name)
+    if figure is None or figure["low"] >= value - max_shortfall:
+        return []
+    return [
+        f"the out-of-scope threshold cannot be trusted to meet {name} {value:g}: on new data expect "
+        f"{figure['estimate']:.3f} [{figure['low']:.3f}, {figure['high']:.3f}] ({expected['level']:.0%} bootstrap "
+        f"interval; {expected['rows']} in-scope and {expected['oos_rows']} out-of-scope calibration rows, {where}). "
+        "More labelled rows (val, or train with train.crossfit), or a target these rows support, narrow it"
+    ]
 
 
 def refit_calibration(

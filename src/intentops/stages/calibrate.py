@@ -8,12 +8,13 @@ models/calibration.json (+ an .npz of embedding statistics for "mahalanobis"/"kn
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from intentops.config import load_params
-from intentops.data.splits import SPLITS, read_embeddings, read_splits
+from intentops.data.splits import CROSSFIT_FILE, SPLITS, read_embeddings, read_splits
 from intentops.data.taxonomy import Taxonomy
 from intentops.errors import UserError, cli_entry
 from intentops.inference.ood import (
@@ -22,6 +23,7 @@ from intentops.inference.ood import (
     METHODS,
     detection_metrics,
     detection_score,
+    expected_operating_point,
     fit_mahalanobis,
     fit_temperature,
     fit_threshold,
@@ -30,6 +32,8 @@ from intentops.inference.ood import (
     roc_points,
     softmax,
     split_metrics,
+    support_warnings,
+    threshold_inputs,
 )
 from intentops.io import atomic_path, write_json, write_npz
 from intentops.metrics import expected_calibration_error
@@ -50,6 +54,13 @@ def fit_ood_stats(
     return {}
 
 
+# Where the temperature and the threshold were fitted, in words.
+ROW_SOURCES = {
+    "val": "chosen on val",
+    "crossfit": "chosen on out-of-fold rows of train + val (train.crossfit)",
+}
+
+
 def run_calibrate(
     val_logits: np.ndarray,
     val_y: np.ndarray,
@@ -62,8 +73,10 @@ def run_calibrate(
     train_emb: np.ndarray | None = None,
     train_y: np.ndarray | None = None,
     oos_index: int | None = None,
+    crossfit: dict | None = None,
 ) -> dict:
-    """Fit temperature, OOS threshold and review thresholds on val; measure them on val and test.
+    """Fit temperature, OOS threshold and review thresholds on val (or cross-fitted rows); measure them on val
+    and test, and the coverage (and recall) to expect from the threshold, with a bootstrap interval.
 
     Args:
         val_logits, test_logits: (n, k) raw logits; rows whose label is out-of-scope carry y == -1.
@@ -73,39 +86,86 @@ def run_calibrate(
         oos_index: the logit column of a trained out-of-scope class (split.oos_as_class), else None. Its rows
             carry y == -1 like any out-of-scope row; a top-1 on it flags the row, and the threshold is chosen
             for the rows it leaves (see `ood.postprocess`).
+        crossfit: {"logits", "y"}: `train`'s out-of-fold logits over train + val (train.crossfit, small val),
+            y −1 out-of-scope; the temperature and threshold are fitted on them instead of val (logit methods).
 
     Returns:
         {"calibration" (json-able, without arrays), "stats" (arrays for the .npz), "metrics", "plots"}
     """
+    rows, warnings = calibration_rows(val_logits, val_y, val_emb, crossfit, cfg["method"])
     calibration, stats = fit_calibration(
-        val_logits, val_y, cfg, oos_label, val_emb, train_emb, train_y, oos_index
+        rows["logits"], rows["y"], cfg, oos_label, rows["emb"], train_emb, train_y, oos_index
     )
-    n_bins = int(cfg.get("ece_bins", 15))
     ood = calibration["ood"]
+    calibration["fitted_on"] = rows["source"]
+    expected = expect(rows, calibration, cfg, oos_index)
+    warnings += support_warnings(
+        expected, ood["target"], float(cfg.get("max_shortfall", 0.05)), ROW_SOURCES[rows["source"]]
+    )
     metrics = {
         "temperature": calibration["temperature"],
         "method": ood["method"],
         "threshold": ood["threshold"],
+        "target": ood["target"],
+        "calibration_rows": {"source": rows["source"], **expected},
+        "warnings": warnings,
     }
+    sets = {"val": (val_logits, val_y, val_emb), "test": (test_logits, test_y, test_emb)}
+    if rows["source"] != "val":
+        sets = {"crossfit": (rows["logits"], rows["y"], None), **sets}
     outs = {}
-    for split, logits, y, emb in (
-        ("val", val_logits, val_y, val_emb),
-        ("test", test_logits, test_y, test_emb),
-    ):
-        outs[split] = out = postprocess(logits, calibration, emb)
-        m = split_metrics(out, y, y < 0, ood["higher_is_ood"], n_bins, oos_index)
-        m["ece_before"] = expected_calibration_error(softmax(logits[y >= 0]), y[y >= 0], n_bins)
-        m["ece_after"] = m.pop("ece")
-        metrics[split] = m
-    plots = calibration_plots(
-        outs["test"],
-        test_y,
-        ood["higher_is_ood"],
-        oos_index,
-        metrics["test"],
-    )
+    for name, (logits, y, emb) in sets.items():
+        outs[name], metrics[name] = measure(
+            calibration, logits, y, emb, int(cfg.get("ece_bins", 15)), oos_index
+        )
+    plots = calibration_plots(outs["test"], test_y, ood["higher_is_ood"], oos_index, metrics["test"])
     calibration["ood"] = {k: v for k, v in ood.items() if k != "stats"}
     return {"calibration": calibration, "stats": stats, "metrics": metrics, "plots": plots}
+
+
+def measure(calibration: dict, logits, y, emb, n_bins: int, oos_index: int | None) -> tuple[dict, dict]:
+    """`postprocess` of one set of rows under `calibration`, and its metrics (ECE before and after)."""
+    out = postprocess(logits, calibration, emb)
+    m = split_metrics(out, y, y < 0, calibration["ood"]["higher_is_ood"], n_bins, oos_index)
+    m["ece_before"] = expected_calibration_error(softmax(logits[y >= 0]), y[y >= 0], n_bins)
+    m["ece_after"] = m.pop("ece")
+    return out, m
+
+
+def calibration_rows(
+    val_logits: np.ndarray, val_y: np.ndarray, val_emb, crossfit: dict | None, method: str
+) -> tuple[dict, list[str]]:
+    """The rows the temperature and threshold are fitted on: `train`'s out-of-fold rows when it cross-fitted (a
+    small val), else val; {"logits", "y", "emb", "source"}, and warnings."""
+    val = {"logits": val_logits, "y": val_y, "emb": val_emb, "source": "val"}
+    if crossfit is None:
+        return val, []
+    if method in EMBEDDING_METHODS:
+        return val, [
+            f"calibrate.method={method} scores embeddings against the training rows, which out-of-fold rows "
+            f"belong to: the threshold is chosen on val ({len(val_y)} rows), not on train.crossfit's rows"
+        ]
+    y = np.asarray(crossfit["y"])
+    return {
+        "logits": np.asarray(crossfit["logits"]),
+        "y": y,
+        "emb": None,
+        "source": "crossfit",
+    }, []
+
+
+def expect(rows: dict, calibration: dict, cfg: dict, oos_index: int | None) -> dict:
+    """`ood.expected_operating_point` of the fitted threshold on the rows it was fitted on."""
+    ood, boot = calibration["ood"], cfg.get("bootstrap") or {}
+    x = threshold_inputs(rows["logits"], rows["y"], ood, calibration["temperature"], oos_index, rows["emb"])
+    return expected_operating_point(
+        x,
+        ood["higher_is_ood"],
+        ood["target"],
+        int(boot.get("n", 1000)),
+        float(boot.get("level", 0.95)),
+        int(boot.get("seed", 0)),
+    )
 
 
 def fit_calibration(
@@ -198,6 +258,7 @@ def calibration_inputs(paths, predictor, oos_label: str) -> dict:
     }
     train_known = ys["train"] >= 0
     return {
+        "crossfit": read_crossfit(paths.model_dir, predictor.labels, oos_label),
         "val_logits": logits["val"],
         "val_y": ys["val"],
         "test_logits": logits["test"],
@@ -207,6 +268,19 @@ def calibration_inputs(paths, predictor, oos_label: str) -> dict:
         "train_emb": emb["train"][train_known],
         "train_y": ys["train"][train_known],
     }
+
+
+def read_crossfit(model_dir, labels: list[str], oos_label: str | None) -> dict | None:
+    """`train`'s out-of-fold logits and label ids (−1 out-of-scope, a trained out-of-scope class included), or
+    None when it did not cross-fit."""
+    path = Path(model_dir) / CROSSFIT_FILE
+    if not path.is_file():
+        return None
+    with np.load(path) as npz:
+        logits, y = npz["logits"], npz["y"].copy()
+    if oos_label in labels:
+        y[y == labels.index(oos_label)] = -1
+    return {"logits": logits, "y": y}
 
 
 def write_outputs(paths, result: dict) -> None:
@@ -222,7 +296,21 @@ def write_outputs(paths, result: dict) -> None:
 
 
 def log_summary(m: dict) -> None:
-    """One log line: temperature, ECE before and after, the threshold and the test operating point."""
+    """Log the temperature, ECE before and after, the threshold, the expected and the test operating point,
+    and every warning."""
+    for key, fig in m["calibration_rows"]["expected"].items():
+        log.info(
+            "calibrate: expected %s %.4f [%.4f, %.4f] (%s, %d resamples; target %s)",
+            key,
+            fig["estimate"],
+            fig["low"],
+            fig["high"],
+            ROW_SOURCES[m["calibration_rows"]["source"]],
+            m["calibration_rows"]["resamples"],
+            m["target"],
+        )
+    for w in m["warnings"]:
+        log.warning("calibrate: %s", w)
     log.info(
         "calibrate: T=%.3f; ECE val %.4f -> %.4f, test %.4f -> %.4f; %s threshold %.4f; test in-scope accuracy "
         "%.4f, coverage %.4f%s",

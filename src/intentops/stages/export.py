@@ -410,6 +410,12 @@ def int8_calibration(
     )
     holds = fp32_calibration_holds(fp32_val, int8_val)
     check = {"fp32_on_val": fp32_val, "int8_under_fp32_on_val": int8_val, "fp32_calibration_holds": holds}
+    if not holds and fp32.calibration.get("fitted_on") == "crossfit":
+        # A small val (train.crossfit) that, with train.crossfit.refit, also trained the model: no refit on it.
+        check["refit"] = (
+            "skipped: fp32's calibration was fitted on cross-fitted rows, val is too small to refit on"
+        )
+        return {}, check
     own = {} if holds else refit_calibration(int8.calibration, int8_logits, val_y, int8_emb)
     return own, check
 

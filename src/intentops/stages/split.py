@@ -27,16 +27,25 @@ ORIGIN_TO_SPLIT = {
 }
 
 
-def stratified_holdout(df: pd.DataFrame, fraction: float, seed: int) -> pd.Series:
-    """A boolean mask choosing about `fraction` of each label's rows (none from labels with < 2 rows)."""
+def stratified_holdout(df: pd.DataFrame, fraction: float, seed: int, min_rows: int = 2) -> pd.Series:
+    """A boolean mask choosing about `fraction` of each label's rows, at least one and never all of them.
+
+    A label with fewer than `min_rows` rows (and at least 2) gives none: its rows all stay where they are.
+    """
     rng = np.random.default_rng(seed)
     mask = pd.Series(False, index=df.index)
     for _, idx in sorted(df.groupby("label").groups.items()):
         idx = np.array(sorted(idx))
         k = int(round(len(idx) * fraction))
-        k = min(max(k, 1), len(idx) - 1) if len(idx) >= 2 else 0
+        k = min(max(k, 1), len(idx) - 1) if len(idx) >= max(2, min_rows) else 0
         mask.loc[rng.permutation(idx)[:k]] = True
     return mask
+
+
+def too_small_to_carve(df: pd.DataFrame, min_rows: int) -> dict[str, int]:
+    """{label: rows} of the labels `stratified_holdout` leaves whole (fewer than `min_rows`, or 2, rows)."""
+    counts = df["label"].value_counts()
+    return {str(k): int(v) for k, v in sorted(counts[counts < max(2, min_rows)].items())}
 
 
 def check_split_params(
@@ -85,6 +94,7 @@ def run_split(
     seed: int,
     oos_as_class: bool = False,
     holdout_intents: list[str] | tuple[str, ...] = (),
+    min_rows_to_carve: int = 2,
 ) -> tuple[dict[str, pd.DataFrame], dict]:
     """Assign every canonical row to train, val or test.
 
@@ -97,6 +107,8 @@ def run_split(
     Args:
         holdout_intents: intents whose dataset rows are dropped from train and val (test keeps them); a
             simulation of intents the model has never seen. Reviewed feedback rows of these intents stay.
+        min_rows_to_carve: a label with fewer dataset rows keeps them all in train when val (or test) is
+            carved; stats["kept_whole_in_train"] names them.
 
     Returns:
         ({split: frame}, stats for reports)
@@ -109,13 +121,15 @@ def run_split(
     df = df[df["split"].notna()].copy()
     stats: dict = {"seed": seed, "dropped_oos_train": dropped_oos_train}
     carvable = (df["split"] == "train") & (df["origin_split"] != FEEDBACK_SPLIT)
+    if not (df["split"] == "test").any() or not (df["split"] == "val").any():
+        stats["kept_whole_in_train"] = too_small_to_carve(df[carvable], min_rows_to_carve)
     if not (df["split"] == "test").any():
-        carve = stratified_holdout(df[carvable], test_fraction, seed)
+        carve = stratified_holdout(df[carvable], test_fraction, seed, min_rows_to_carve)
         df.loc[carve[carve].index, "split"] = "test"
         stats["test_carved_fraction"] = test_fraction
         carvable &= df["split"] == "train"
     if not (df["split"] == "val").any():
-        carve = stratified_holdout(df[carvable], val_fraction, seed + 1)
+        carve = stratified_holdout(df[carvable], val_fraction, seed + 1, min_rows_to_carve)
         df.loc[carve[carve].index, "split"] = "val"
         stats["val_carved_fraction"] = val_fraction
     if holdout_intents:
@@ -147,10 +161,21 @@ def main() -> None:
         cfg.split.seed,
         cfg.split.get("oos_as_class", False),
         list(cfg.split.get("holdout_intents") or []),
+        int(cfg.split.get("min_rows_to_carve", 2)),
     )
     for name, frame in frames.items():
         write_parquet(paths[name], frame)
     write_json(paths.split_stats, stats)
+    if stats.get("kept_whole_in_train"):
+        small = stats["kept_whole_in_train"]
+        log.warning(
+            "split: %d intent(s) have fewer than split.min_rows_to_carve=%s rows and stay whole in train (not in "
+            "val%s): %s",
+            len(small),
+            cfg.split.get("min_rows_to_carve", 2),
+            "" if "test_carved_fraction" not in stats else " or the carved test",
+            ", ".join(f"{k!r}: {v}" for k, v in small.items()),
+        )
     log.info(
         "split: %s; dropped %d cross-split and %d within-split repeats",
         stats["rows"],

@@ -14,7 +14,7 @@ from intentops.training import train_from_config
 log = logging.getLogger(__name__)
 
 # What one run on one machine measured: reports/runs/train.json, not the metrics output.
-RUN_FACTS = ("inference_ms_per_sentence", "fit_seconds", "seconds", "wandb")
+RUN_FACTS = ("inference_ms_per_sentence", "fit_seconds", "crossfit_seconds", "seconds", "wandb")
 
 
 @cli_entry
