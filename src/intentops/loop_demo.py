@@ -530,15 +530,29 @@ def retrain_to_candidate(demo: Demo, project: Path, paths: Any, windows: int) ->
     return {"retrain": summary, "after_stages": retrain.get("stages")}
 
 
+def shadow_figures(demo: Demo, project: Path, url: str, texts: list[str], timeout_s: float = 90.0) -> dict:
+    """Replay `texts` until the app's challenger has scored some, then `intentops shadow report`'s figures.
+
+    The app loads the staged candidate on its next registry poll, off the request path: traffic replayed before
+    that is answered by the champion alone (CI of the #19 change: 0 shadow rows on a busy 2-core machine).
+    """
+    t0 = time.perf_counter()
+    while True:
+        replay(url, texts, headers=demo.headers)
+        time.sleep(3.0)  # the shadow rows are written off the request path
+        _, out = demo.run(project, "intentops", "shadow", "report")
+        shadow = json.loads(out[out.index("{") :])
+        if shadow.get("rows") or time.perf_counter() - t0 > timeout_s:
+            return shadow
+        demo.log("shadow: no rows yet (the challenger is still loading); replaying again")
+
+
 def shadow_then_promote(demo: Demo, project: Path, paths: Any, url: str, traffic) -> dict[str, Any]:
     """Replay shifted traffic with the candidate scoring in shadow, read the shadow figures, then move
     production (`intentops registry promote`, which reads them) and wait for the app to swap."""
     from intentops.monitor.retrain import wait_for_swap
 
-    replay(url, traffic["text"].tolist(), headers=demo.headers)
-    time.sleep(3.0)  # the shadow rows are written off the request path
-    _, out = demo.run(project, "intentops", "shadow", "report")
-    shadow = json.loads(out[out.index("{") :])
+    shadow = shadow_figures(demo, project, url, traffic["text"].tolist())
     demo.log(
         f"shadow: {shadow.get('rows')} rows, agreement {shadow.get('agreement')} "
         f"(champion {shadow.get('champion')}, challenger {shadow.get('challenger')})"
