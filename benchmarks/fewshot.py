@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from oos import PREP, sh
+from oos import PREP, copy_prepared, sh
 
 from intentops.config import PARAMS_ENV, load_params
 from intentops.data.sources import MIRROR_ENV
@@ -205,8 +204,7 @@ def prepare(work: Path, env: dict, data_from: str | None) -> None:
     """Banking77's split and embeddings in `work`: copied from `data_from`, else ingest ... embed run there."""
     paths = load_params(work / "params.yaml").paths
     if data_from and (Path(data_from) / paths.embeddings_dir / "test.npy").is_file():
-        for rel in (paths.processed_dir, paths.embeddings_dir, str(Path(paths.taxonomy).parent)):
-            shutil.copytree(Path(data_from) / rel, work / rel, dirs_exist_ok=True)
+        copy_prepared(Path(data_from), work)
         return
     for stage in PREP:
         sh(work, env, "dvc", "repro", "-s", stage)

@@ -64,6 +64,13 @@ PROXY_PATHS = {
 }
 
 
+def copy_prepared(src: Path, work: Path) -> None:
+    """Copy `src`'s split, embeddings and taxonomy (what ingest ... embed wrote) into the project `work`."""
+    paths = load_params(work / "params.yaml").paths
+    for rel in (paths.processed_dir, paths.embeddings_dir, str(Path(paths.taxonomy).parent)):
+        shutil.copytree(src / rel, work / rel, dirs_exist_ok=True)
+
+
 def hold_out_intents(work: Path, k: int, seed: int, oos_label: str = "oos") -> list[str]:
     """Write a pseudo-OOS copy of the data under PROXY_PATHS: K seeded intents dropped from train and
     relabelled `oos_label` in val/test. The pipeline's own outputs stay as DVC wrote them."""
@@ -152,9 +159,7 @@ def main() -> None:
         work = Path(args.workdir).resolve() if args.workdir else Path(tmp) / "project"
         create_project(work, ["logger=none", *data, f"seed={args.seed}", *args.overrides], root=ROOT, env=env)
         if args.proxy and args.data_from:  # reuse another project's split and embeddings (read only)
-            paths = load_params(work / "params.yaml").paths
-            for rel in (paths.processed_dir, paths.embeddings_dir, str(Path(paths.taxonomy).parent)):
-                shutil.copytree(Path(args.data_from) / rel, work / rel, dirs_exist_ok=True)
+            copy_prepared(Path(args.data_from), work)
         else:
             for stage in PREP:
                 sh(work, env, "dvc", "repro", "-s", stage)

@@ -30,6 +30,8 @@ class TrainingData:
     texts: dict[str, list[str]]
     ids: dict[str, np.ndarray]
     embeddings: dict[str, np.ndarray] | None
+    # Val rows whose label the model has no class for (out-of-scope examples): {"texts", "emb" or None}.
+    val_oos: dict | None = None
 
 
 @dataclass
@@ -208,20 +210,10 @@ def crossfit_wanted(ccfg, n_val: int, n_classes: int) -> tuple[bool, str]:
     return small, f"{facts}; small below {rows} rows or {per:g} per intent"
 
 
-def val_oos_rows(cfg: DictConfig, data: TrainingData, root: Path) -> tuple[list[str], np.ndarray | None]:
-    """Texts (and embeddings) of val rows whose label the model has no class for: out-of-scope examples."""
-    frames = read_splits(cfg.paths, root)
-    unknown = ~frames["val"]["label"].isin(data.labels).to_numpy()
-    emb = None if data.embeddings is None else read_embeddings(cfg.paths, frames, root)["val"][unknown]
-    return frames["val"].loc[unknown, "text"].tolist(), emb
-
-
 def fit_fold(cfg: DictConfig, train: dict, held_out: dict, n_classes: int, steps: int, work_dir: Path):
     """Train the configured model on `train` ({"texts", "ids", "emb"}) for `steps` optimizer steps; return the
     head's (logits without memory, memory term or None) on `held_out` ({"texts", "emb"}), as numpy."""
     from hydra.utils import instantiate
-
-    from intentops.models.data import IntentDataModule
 
     mcfg = cfg.model
     featurizer, features = featurize(
@@ -230,12 +222,7 @@ def fit_fold(cfg: DictConfig, train: dict, held_out: dict, n_classes: int, steps
         {"train": train["emb"], "val": held_out["emb"]},
     )
     module = make_module(mcfg, {"n_classes": n_classes, **featurizer.net_kwargs()})
-    dm = IntentDataModule(
-        features,
-        {"train": train["ids"], "val": None},
-        train_batch_size(cfg.model, len(train["ids"])),
-        cfg.train.eval_batch_size,
-    )
+    dm = datamodule(cfg, features, {"train": train["ids"], "val": None})
     trainer = instantiate(
         cfg.trainer,
         max_epochs=-1,
@@ -254,17 +241,19 @@ def fit_fold(cfg: DictConfig, train: dict, held_out: dict, n_classes: int, steps
     return base.numpy(), None if memory is None else memory.numpy()
 
 
-def pooled_rows(data: TrainingData, oos_texts: list[str], oos_emb: np.ndarray | None) -> dict:
+def pooled_rows(data: TrainingData) -> dict:
     """Train + val (in-scope) + val's out-of-scope rows as one table: {"texts", "ids" (-1 OOS), "emb"}."""
+    tv, oos = with_val_in_train(data), data.val_oos or {"texts": [], "emb": None}
     emb = None
-    if data.embeddings is not None:
-        parts = [data.embeddings["train"], data.embeddings["val"]]
-        emb = np.concatenate(parts + ([oos_emb] if oos_emb is not None and len(oos_emb) else []))
+    if tv.embeddings is not None:
+        emb = (
+            tv.embeddings["train"]
+            if oos["emb"] is None
+            else np.concatenate([tv.embeddings["train"], oos["emb"]])
+        )
     return {
-        "texts": data.texts["train"] + data.texts["val"] + list(oos_texts),
-        "ids": np.concatenate([data.ids["train"], data.ids["val"], np.full(len(oos_texts), -1)]).astype(
-            np.int64
-        ),
+        "texts": tv.texts["train"] + oos["texts"],
+        "ids": np.concatenate([tv.ids["train"], np.full(len(oos["texts"]), -1)]).astype(np.int64),
         "emb": emb,
     }
 
@@ -279,7 +268,7 @@ def take(rows: dict, mask: np.ndarray) -> dict:
     }
 
 
-def crossfit(cfg: DictConfig, data: TrainingData, epochs: int, work_dir: Path, root: Path) -> CrossFit:
+def crossfit(cfg: DictConfig, data: TrainingData, epochs: int, work_dir: Path) -> CrossFit:
     """Out-of-fold logits over train + val: k seeded, stratified folds; each fold's rows are scored by a model
     trained on the other folds. Val's out-of-scope rows never train; each is scored by the model of its fold.
     The memory weight is the one with the best out-of-fold accuracy.
@@ -293,7 +282,7 @@ def crossfit(cfg: DictConfig, data: TrainingData, epochs: int, work_dir: Path, r
     ccfg = cfg.train.crossfit
     shipped_rows = len(data.ids["train"]) + (len(data.ids["val"]) if ccfg.get("refit", False) else 0)
     steps = epochs * math.ceil(shipped_rows / train_batch_size(cfg.model, shipped_rows))
-    rows = pooled_rows(data, *val_oos_rows(cfg, data, root))
+    rows = pooled_rows(data)
     k = max(2, min(int(ccfg.get("folds", 5)), len(rows["ids"])))
     folds = fold_ids(rows["ids"], k, int(ccfg.get("seed", 0)))
     n_classes = len(data.labels)
@@ -356,12 +345,17 @@ def load_training_data(cfg: DictConfig, root: Path) -> TrainingData:
     frames = read_splits(paths, root)
     labels = label_space(Taxonomy.read(root / paths.taxonomy), frames["train"]["label"])
     embeddings = read_embeddings(paths, frames, root) if cfg.model.get("uses_embeddings") else None
-    texts, ids, embs = {}, {}, {}
+    texts, ids, embs, unknown = {}, {}, {}, {}
     for s in SPLITS:
         rows, ids[s], kept = encode_labels(frames[s], labels)
         texts[s] = rows["text"].tolist()
         embs[s] = None if embeddings is None else embeddings[s][kept]
-    return TrainingData(labels, texts, ids, None if embeddings is None else embs)
+        unknown[s] = np.setdiff1d(np.arange(len(frames[s])), kept)
+    val_oos = {
+        "texts": frames["val"]["text"].iloc[unknown["val"]].tolist(),
+        "emb": None if embeddings is None else embeddings["val"][unknown["val"]],
+    }
+    return TrainingData(labels, texts, ids, None if embeddings is None else embs, val_oos)
 
 
 def split_embeddings(data: TrainingData) -> dict:
@@ -536,7 +530,7 @@ def train_from_config(cfg: DictConfig, bundle_dir: Path, work_dir: Path, root: P
     wanted, reason = crossfit_wanted(ccfg, len(data.ids["val"]), len(data.labels))
     cross, crossfit_s = (None, 0.0)
     if wanted:
-        cross, crossfit_s = timed(crossfit, cfg, data, fit.best_epoch + 1, work_dir, root)
+        cross, crossfit_s = timed(crossfit, cfg, data, fit.best_epoch + 1, work_dir)
         fit = with_memory_weight(cfg, fit, data, cross)
     refit = None
     if tcfg.get("refit_on_train_val") or (cross is not None and ccfg.get("refit", False)):

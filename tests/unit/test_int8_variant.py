@@ -102,8 +102,9 @@ def test_refit_calibration_keeps_what_was_not_fitted():
     assert refit_calibration(FP32, logits[:0], y[:0]) == {}  # no val rows: nothing to fit on
 
 
-def test_int8_calibration_is_what_predictor_load_applies(tmp_path):
-    """Predictor.load(..., variant="int8") applies the int8 entry of calibration.json; fp32 keeps its own."""
+def two_variant_bundle(tmp_path, int8_confident: bool, calibration: dict):
+    """A sealed tiny ONNX bundle with a near-uniform fp32 graph, an int8 entry (the same graph, or a confident
+    one) and `calibration`; (fp32, int8) as `Predictor.load` serves them."""
     from intentops.inference import bundle as layout
     from intentops.inference.predictor import Predictor
     from intentops.io import write_json
@@ -111,19 +112,25 @@ def test_int8_calibration_is_what_predictor_load_applies(tmp_path):
 
     bundle = tmp_path / "bundle"
     write_tiny_onnx_bundle(bundle, ["a", "b", "c"], confident=False)
-    (bundle / layout.INT8_FILE).write_bytes((bundle / layout.ONNX_FILE).read_bytes())
+    graph = bundle
+    if int8_confident:
+        graph = tmp_path / "confident"
+        write_tiny_onnx_bundle(graph, ["a", "b", "c"], confident=True)
+    (bundle / layout.INT8_FILE).write_bytes((graph / layout.ONNX_FILE).read_bytes())
     meta = json.loads((bundle / layout.BUNDLE_META).read_text())
     write_json(
         bundle / layout.BUNDLE_META, {**meta, "variants": {"fp32": "model.onnx", "int8": "model.int8.onnx"}}
     )
-    write_json(
-        bundle / layout.CALIBRATION_FILE,
-        {**FP32, "variants": {"int8": {"temperature": 4.0, "threshold": 1e9}}},
-    )
+    write_json(bundle / layout.CALIBRATION_FILE, calibration)
     layout.seal(bundle)
     layout.verify_bundle(bundle)
+    return Predictor.load(bundle), Predictor.load(bundle, variant="int8")
 
-    fp32, int8 = Predictor.load(bundle), Predictor.load(bundle, variant="int8")
+
+def test_int8_calibration_is_what_predictor_load_applies(tmp_path):
+    """Predictor.load(..., variant="int8") applies the int8 entry of calibration.json; fp32 keeps its own."""
+    calibration = {**FP32, "variants": {"int8": {"temperature": 4.0, "threshold": 1e9}}}
+    fp32, int8 = two_variant_bundle(tmp_path, int8_confident=False, calibration=calibration)
     assert fp32.calibration["temperature"] == 1.2 and fp32.calibration["ood"]["threshold"] == -5.0
     assert int8.calibration["temperature"] == 4.0 and int8.calibration["ood"]["threshold"] == 1e9
     text = ["my card was stolen"]
@@ -155,24 +162,11 @@ def test_fp32_calibration_holds_for_int8_only_within_a_point(int8_val, holds):
 def test_int8_is_refit_on_val_only_when_val_was_what_fp32_was_fitted_on(tmp_path, fitted_on, refit):
     """A cross-fitted calibration (a small val, which with train.crossfit.refit also trained the model) is never
     refit for int8 on val: fp32's applies, and the check says why."""
-    from intentops.inference import bundle as layout
-    from intentops.inference.predictor import Predictor
-    from intentops.io import write_json
     from intentops.stages.export import int8_calibration
-    from support import write_tiny_onnx_bundle
 
-    confident = tmp_path / "confident"
-    write_tiny_onnx_bundle(confident, ["a", "b", "c"], confident=True)
-    bundle = tmp_path / "bundle"
-    write_tiny_onnx_bundle(bundle, ["a", "b", "c"], confident=False)
-    (bundle / layout.INT8_FILE).write_bytes((confident / layout.ONNX_FILE).read_bytes())
-    meta = json.loads((bundle / layout.BUNDLE_META).read_text())
-    write_json(
-        bundle / layout.BUNDLE_META, {**meta, "variants": {"fp32": "model.onnx", "int8": "model.int8.onnx"}}
+    fp32, int8 = two_variant_bundle(
+        tmp_path, int8_confident=True, calibration={**FP32, "fitted_on": fitted_on}
     )
-    write_json(bundle / layout.CALIBRATION_FILE, {**FP32, "fitted_on": fitted_on})
-    layout.seal(bundle)
-    fp32, int8 = Predictor.load(bundle), Predictor.load(bundle, variant="int8")
     texts = ["my card was stolen", "what is the rate", "top up failed", "pin blocked"] * 5
     own, check = int8_calibration(fp32, int8, texts, np.array([0, 1, 2, -1] * 5), 8, 10)
     assert check["fp32_calibration_holds"] is False  # the two graphs disagree on purpose
