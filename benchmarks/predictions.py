@@ -2,8 +2,9 @@
 
     python benchmarks/predictions.py --bundle models/bundle --split data/processed/test.parquet --out preds.csv
 
-The CSV (text, label, intent, confidence rounded to 6 places, out_of_scope, reason) is what a refactor must leave
-unchanged: compare the files (or their sha256) of two runs, not only their accuracy.
+The CSV (text, label, intent, confidence rounded to 6 places, out_of_scope, reason, needs_review) is what a
+refactor must leave unchanged: compare the files (or their sha256) of two runs, not only their accuracy. Files of
+0.1 have no needs_review column, and their out_of_scope was true for every reason: compare `reason` with them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
         confidence=[round(r["confidence"], 6) for r in rows],
         out_of_scope=[r["out_of_scope"] for r in rows],
         reason=[r["reason"] for r in rows],
+        needs_review=[r["needs_review"] for r in rows],
     )
     out.to_csv(args.out, index=False)
     data = open(args.out, "rb").read()
@@ -40,7 +42,8 @@ def main() -> None:
             {
                 "rows": len(out),
                 "accuracy": round(float((out["intent"] == out["label"]).mean()), 4),
-                "flagged": int(out["out_of_scope"].sum()),
+                "out_of_scope": int(out["out_of_scope"].sum()),
+                "needs_review": int(out["needs_review"].sum()),
                 "sha256": hashlib.sha256(data).hexdigest(),
             }
         )

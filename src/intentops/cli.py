@@ -17,7 +17,25 @@ def _params(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:  # long: one declaration per subcommand, read top to bottom
     parser = argparse.ArgumentParser(prog="intentops", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "predict",
+        help="predict every row of a CSV, Parquet or JSON-lines file with a bundle (default: production); "
+        "writes the rows with intent, confidence, out_of_scope, reason, needs_review and top_k",
+    )
+    p.add_argument("input", help="the table to predict (.csv, .parquet, .jsonl)")
+    p.add_argument("-o", "--output", required=True, help="where to write it (.csv, .parquet, .jsonl)")
+    p.add_argument("--text-column", default="text", help="the column holding the texts (default: text)")
+    p.add_argument("--bundle", help="a bundle folder (default: the registry's production model)")
+    p.add_argument(
+        "--batch-size", type=int, default=256, help="rows per Predictor.predict call (default: 256)"
+    )
+    p.add_argument("--top-k", type=int, default=3, help="intents listed in top_k (default: 3)")
+    p.add_argument("--prefix", default="", help="prefix of the added column names (default: none)")
+    _registry_option(p)
+    p.set_defaults(func=_predict)
 
     p = sub.add_parser("params", help="compose conf/ into params.yaml, as `dvc exp run` does")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=clinc150")
@@ -135,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:  # long: one declaration per subc
     r = reg_sub.add_parser("list", help="versions, production and candidate marked, and the event history")
     _registry_option(r)
     r.set_defaults(func=_registry_list)
+    r = reg_sub.add_parser("card", help="print a registered version's model card (model_card.md), verified")
+    r.add_argument("version", nargs="?", help="the version (default: production)")
+    _registry_option(r)
+    r.set_defaults(func=_registry_card)
     r = reg_sub.add_parser(
         "stage", help="upload a bundle (verified: content hash = version) and record it as the candidate"
     )
@@ -172,6 +194,34 @@ def build_parser() -> argparse.ArgumentParser:  # long: one declaration per subc
     p.add_argument("--root", default=".", help="the repository root (default: .)")
     p.set_defaults(func=_deploy_config)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("intentops")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from intentops.inference.batch import predict_file, production_bundle
+    from intentops.inference.predictor import Predictor
+
+    def load() -> Predictor:
+        return Predictor.load(args.bundle or production_bundle(_registry(args)))
+
+    rows = predict_file(
+        load,
+        args.input,
+        args.output,
+        text_column=args.text_column,
+        batch_size=args.batch_size,
+        top_k=args.top_k,
+        prefix=args.prefix,
+    )
+    print(f"wrote {rows} rows to {args.output}")
 
 
 def _deploy_config(args: argparse.Namespace) -> None:
@@ -319,6 +369,20 @@ def _registry_list(args: argparse.Namespace) -> None:
             f"  {e.get('seq', 0):>4} {e.get('time', '?')}  {e.get('event', '?'):<9} {e['version']}  "
             f"(production was {e.get('previous')}): {e.get('reason', '')}"
         )
+
+
+def _registry_card(args: argparse.Namespace) -> None:
+    from intentops.errors import UserError
+
+    registry = _registry(args)
+    version = args.version or registry.production()
+    if not version:
+        raise UserError(
+            "no version named and no production model yet",
+            where=registry.url,
+            fix="name one of the versions `intentops registry list` shows",
+        )
+    print(registry.model_card(version), end="")
 
 
 def _registry_stage(args: argparse.Namespace) -> None:

@@ -22,6 +22,7 @@ from intentops.errors import UserError
 # .gitignore) are added from params.
 CODE_ITEMS = ("conf", "src", "dvc.yaml", "serving", ".gitignore", ".dvcignore")
 GIT = ["git", "-c", "user.name=intentops-scratch", "-c", "user.email=scratch@localhost"]
+PLOT_TEMPLATES = ".dvc/plots"  # where DVC looks for the templates that dvc.yaml's `plots:` name
 
 
 def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -63,6 +64,8 @@ def create_project(
         _run(["git", "init", "-q"], dest, env)
         _run(["dvc", "init", "-q"], dest, env)
         shutil.copy2(root / ".dvc" / "config", dest / ".dvc" / "config")
+    # dvc.yaml's custom plot templates; after `dvc init`, which refuses a folder that already has a .dvc/.
+    copy_items(root, dest, (PLOT_TEMPLATES,))
     if cache_dir is not None:
         _run(["dvc", "cache", "dir", "--local", str(Path(cache_dir).resolve())], dest, env)
     add_labels(dest, labels, env)

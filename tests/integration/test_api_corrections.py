@@ -200,7 +200,7 @@ def api_rows(n: int, needs_review: bool = False) -> list[dict]:
             "intent": "card_arrival",
             "confidence": 0.95,
             "top_k": [{"intent": "card_arrival", "confidence": 0.95}],
-            "out_of_scope": needs_review,
+            "out_of_scope": False,  # low confidence is reviewed, not out of scope
             "reason": "low_confidence" if needs_review else None,
             "needs_review": needs_review,
             "model_version": "m1",

@@ -98,6 +98,7 @@ def test_bundle_contents(project):
         "labels.json",
         "calibration.json",
         "card.json",
+        "model_card.md",
         "manifest.json",
     }
     meta = json.loads((bundle / "bundle.json").read_text())
@@ -198,7 +199,7 @@ def test_predict_api_for_serving(project, tmp_path):
     )
     q = Predictor.load(hot).predict(["my card was stolen"])[0]
     assert q["intent"] == out[0]["intent"] and q["confidence"] < out[0]["confidence"] and q["needs_review"]
-    assert (q["out_of_scope"], q["reason"]) == (True, "low_confidence")  # an older bundle's flat calibration
+    assert (q["out_of_scope"], q["reason"]) == (False, "low_confidence")  # an older bundle's flat calibration
 
 
 def test_int8_model_loads_predicts_and_is_reported(project):
@@ -233,6 +234,111 @@ def test_card_fields(project):
     assert card["metrics"]["eval"] == {}  # no evaluate report in this project
     assert card["data"]["sha256"]["test"] == file_sha256(root / cfg.paths.test)
     assert card["params"]["export"]["opset"] == cfg.export.opset and "created" not in card
+
+
+def test_model_card_says_which_reports_were_missing(project):
+    """No `evaluate` or `calibrate` ran in this project: model_card.md still renders, and says so where it matters."""
+    from intentops.inference.bundle import file_sha256
+
+    root, cfg = project
+    text = (root / cfg.paths.bundle_dir / "model_card.md").read_text()
+    train = json.loads((root / cfg.paths.train_metrics).read_text())["test"]
+    assert f"| accuracy | {train['accuracy']:.4f} |" in text and "From `train`'s report" in text
+    assert "Not available: `evaluate`'s per-intent report was missing" in text
+    assert "ECE before and after: not measured" in text and "No out-of-scope detector" in text
+    assert "The error analysis was not available" in text and "| int8 |" in text
+    assert f"| licence | {cfg.data.licence} |" in text and cfg.data.source_url in text
+    assert file_sha256(root / cfg.paths.test) in text and "exported outside a git checkout" in text
+
+
+@pytest.fixture(scope="module")
+def full_project(tmp_path_factory):
+    """The exported tiny project after `calibrate` and `evaluate`, exported again: every report the model card
+    reads is a real stage output (a copy of the shared project: no training of its own)."""
+    from intentops.stages import calibrate, evaluate, export
+
+    root = tmp_path_factory.mktemp("export-card") / "repo"
+    cfg = exported_project(tmp_path_factory, root)
+    for stage in (calibrate, evaluate, export):
+        run_stage(stage, root)
+    return root, cfg
+
+
+def test_model_card_is_filled_from_the_stage_reports(full_project):
+    from intentops.inference.bundle import MANIFEST_FILE, file_sha256, verify_bundle
+
+    root, cfg = full_project
+    bundle = root / cfg.paths.bundle_dir
+    version = verify_bundle(bundle)["version"]
+    assert "model_card.md" in json.loads((bundle / "manifest.json").read_text())["files"]
+    text = (bundle / "model_card.md").read_text()
+
+    def read(path: str):
+        return json.loads((root / path).read_text())
+
+    ev, cal, per_class = (
+        read(cfg.paths.eval_metrics),
+        read(cfg.paths.calibrate_metrics),
+        read(cfg.paths.eval_per_class),
+    )
+    m, errors = read(cfg.paths.export_metrics), read(cfg.paths.error_analysis_data)
+    assert f"# Model card: minilm_head {version}" in text
+    assert "not available" not in text.lower() and "not measured" not in text.lower()
+    # Data and metrics overall.
+    assert f"| source | {cfg.data.name} ({cfg.data.source_url}) |" in text
+    assert f"| licence | {cfg.data.licence} |" in text and f"| intents | {len(per_class)} |" in text
+    assert f"| accuracy | {ev['test']['accuracy']:.4f} |" in text
+    assert f"| macro F1 | {ev['test']['macro_f1']:.4f} |" in text
+    # The worst intents, lowest F1 first.
+    worst = sorted(per_class, key=lambda r: (r["f1"], r["intent"]))[:10]
+    table = text.split("weakest intents")[1].split("## Calibration")[0]
+    assert [line.split(" | ")[0][2:] for line in table.splitlines()[4:] if line] == [
+        r["intent"] for r in worst
+    ]
+    # Calibration and the out-of-scope operating point, as calibrate measured them.
+    assert f"| test | {cal['test']['ece_before']:.4f} | {cal['test']['ece_after']:.4f} |" in text
+    assert f"Method **{cal['method']}**, threshold {cal['threshold']:.4f}, chosen on val rows" in text
+    assert f"| test | {cal['test']['n_in_scope']} | 0 | {100 * cal['test']['coverage']:.1f} % |" in text
+    # fp32 vs int8, from export's own measurements.
+    assert f"| int8 | {m['int8']['accuracy']:.4f} | {m['int8']['macro_f1']:.4f} |" in text
+    # Limitations from evaluate's error analysis.
+    if errors["pairs"]:
+        p = errors["pairs"][0]
+        assert f"| {p['true']} | {p['predicted']} | {p['count']} |" in text
+    else:
+        assert "No intent pair was confused on test." in text
+    # How to reproduce: the inputs' hashes, the command.
+    for path in (cfg.paths.test, Path(cfg.paths.model_dir) / MANIFEST_FILE, cfg.paths.calibration):
+        assert f"| {path} | `{file_sha256(root / path)}` |" in text
+    assert "`dvc repro export`" in text
+
+
+def test_registry_card_prints_a_registered_version_s_card(full_project, tmp_path):
+    """`intentops registry card [VERSION]`: the card of a staged version (default: production), verified."""
+    import os
+    import subprocess
+    import sys
+
+    from intentops.inference.registry import Registry
+
+    root, cfg = full_project
+    bundle = root / cfg.paths.bundle_dir
+    version = json.loads((bundle / "bundle.json").read_text())["version"]
+    registry = Registry.at(tmp_path / "registry")
+    registry.stage(bundle, version, "test")
+    registry.promote(version)
+    cli = str(Path(sys.executable).parent / "intentops")
+    for args in ([version], []):
+        proc = subprocess.run(
+            [cli, "registry", "card", *args, "--registry", registry.url],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ},
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == (bundle / "model_card.md").read_text()
 
 
 @pytest.mark.slow

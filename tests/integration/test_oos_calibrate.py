@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from intentops.scratch import PLOT_TEMPLATES
 from model.conftest import SMALL, TEMPLATES, write_fixture_project
 from support import ROOT, run
 
@@ -90,6 +91,7 @@ def test_dvc_plots_show_renders_calibrate_plots(project):
     root, _ = project
     shutil.copy2(ROOT / "dvc.yaml", root / "dvc.yaml")
     run(["dvc", "init", "--no-scm", "-q"], root)
+    shutil.copytree(ROOT / PLOT_TEMPLATES, root / PLOT_TEMPLATES)
     proc = run(["dvc", "plots", "show", "--json"], root)
     shown = json.loads(proc.stdout)["data"]
     for title, x, y in (("Risk-coverage", "coverage", "risk"), ("Out-of-scope ROC", "fpr", "tpr")):

@@ -197,6 +197,33 @@ def test_the_promote_command_reads_the_gate(registry, bundles, tmp_path):
     assert registry.history()[-1]["reason"] == "better"
 
 
+def test_the_model_card_travels_with_the_bundle(registry, tmp_path, monkeypatch):
+    """model_card.md is sealed with the bundle: staged, read on a second machine (a fresh cache) and by
+    `intentops registry card`; a version without one says how to get one."""
+    from intentops.inference.bundle import MODEL_CARD_FILE, seal
+    from intentops.inference.registry import CACHE_ENV
+
+    with_card, without = tmp_path / "with-card", tmp_path / "without"
+    a = write_tiny_onnx_bundle(with_card, LABELS, confident=True)
+    text = "# Model card: tiny\n\nIntended use: tests.\n"
+    (with_card / MODEL_CARD_FILE).write_text(text, encoding="utf-8")
+    assert seal(with_card) == a  # the card is not part of the version
+    b = write_tiny_onnx_bundle(without, LABELS, confident=False)
+    registry.stage(with_card, a, "with a card")
+    registry.stage(without, b, "without")
+    assert registry.model_card(a, tmp_path / "second-machine") == text
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cli-cache"))
+    registry.promote(a)
+    # stdout is the card, whole (a remote registry's client may log to stderr after it)
+    assert _cli(["registry", "card", "--registry", registry.url], tmp_path).startswith(text)
+    with pytest.raises(UserError, match=f"no {MODEL_CARD_FILE}") as exc:
+        registry.model_card(b, tmp_path / "second-machine")
+    assert "dvc repro export" in exc.value.fix
+    assert "no model_card.md" in _cli(
+        ["registry", "card", b, "--registry", registry.url], tmp_path, check=False
+    )
+
+
 def _cli(args: list[str], cwd: Path, check: bool = True) -> str:
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "intentops"), *args],

@@ -13,6 +13,7 @@ import pytest
 from intentops.errors import UserError
 from intentops.inference.bundle import (
     MANIFEST_FILE,
+    MODEL_CARD_FILE,
     content_version,
     seal,
     verify_bundle,
@@ -82,6 +83,15 @@ def test_tiny_bundles_are_confident_or_not_and_differ_in_version(sealed, tmp_pat
 def test_a_changed_byte_is_refused(bundle, name):
     flip_byte(bundle / name)
     assert "changed" in refused(bundle, name).what
+
+
+def test_the_model_card_is_sealed_but_outside_the_version(bundle, sealed):
+    """model_card.md, like card.json: in the manifest (a changed byte is refused), not in the content version."""
+    (bundle / MODEL_CARD_FILE).write_text("# Model card\n", encoding="utf-8")
+    assert seal(bundle) == sealed[1]
+    assert verify_bundle(bundle, expected_version=sealed[1])["version"] == sealed[1]
+    flip_byte(bundle / MODEL_CARD_FILE)
+    assert "changed" in refused(bundle, MODEL_CARD_FILE).what
 
 
 def test_a_changed_size_is_refused(bundle):

@@ -226,3 +226,35 @@ def test_oos_recall_threshold_counts_rows_already_flagged():
     assert not is_ood(scores, t, True).any()
     t = choose_threshold(-scores, is_oos, ~is_oos, False, {"oos_recall": 0.25}, flagged)
     assert not is_ood(-scores, t, False).any()
+
+
+def test_one_meaning_per_field_out_of_scope_only_out_of_distribution_needs_review_any_reason():
+    """out_of_scope: out of distribution only (a trained oos class's top-1 included); needs_review: any reason."""
+    from intentops.inference.predictor import prediction_row
+
+    logits = np.log(
+        np.array(
+            [
+                [0.90, 0.05, 0.05],  # calm: routed
+                [0.45, 0.40, 0.15],  # low_confidence
+                [0.55, 0.40, 0.05],  # ambiguous
+                [0.05, 0.90, 0.05],  # confident, but its top-1 is the trained out-of-scope class (column 1)
+            ]
+        )
+    )
+    cal = {"temperature": 1.0, "oos_index": 1, "review": {"min_confidence": 0.5, "min_margin": 0.2}}
+    out = postprocess(logits, cal)
+    assert out["reason"].tolist() == [None, "low_confidence", "ambiguous", "out_of_distribution"]
+    assert out["out_of_scope"].tolist() == [False, False, False, True]
+    assert out["needs_review"].tolist() == [False, True, True, True]
+    rows = [
+        prediction_row(p, [int(np.argmax(p))], r, ["a", "oos", "c"])
+        for p, r in zip(out["proba"].tolist(), out["reason"].tolist(), strict=True)
+    ]
+    flags = [(r["out_of_scope"], r["needs_review"], r["reason"]) for r in rows]
+    assert flags == [
+        (False, False, None),
+        (False, True, "low_confidence"),
+        (False, True, "ambiguous"),
+        (True, True, "out_of_distribution"),
+    ]

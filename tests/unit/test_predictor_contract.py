@@ -58,3 +58,21 @@ def test_an_onnx_bundle_refuses_precomputed_embeddings():
     onnx = OnnxPredictor.__new__(OnnxPredictor)
     with pytest.raises(UserError, match="precomputed embeddings"):
         onnx.outputs(["hi"], embeddings=[[0.0]])
+
+
+@pytest.mark.parametrize(
+    ("reason", "out_of_scope", "needs_review"),
+    [
+        (None, False, False),
+        ("low_confidence", False, True),
+        ("ambiguous", False, True),
+        ("out_of_distribution", True, True),
+    ],
+)
+def test_a_rows_flags_follow_its_reason(reason, out_of_scope, needs_review):
+    """`out_of_scope` only for out-of-distribution; `needs_review` for any reason (the review queue takes it)."""
+    from intentops.inference.predictor import prediction_row
+
+    row = prediction_row([0.7, 0.2, 0.1], [0, 1], reason, ["a", "b", "c"])
+    assert (row["out_of_scope"], row["needs_review"], row["reason"]) == (out_of_scope, needs_review, reason)
+    assert [t["intent"] for t in row["top_k"]] == ["a", "b"] and row["intent"] == "a"

@@ -19,7 +19,9 @@ from intentops.config import API_KEY_ENV
 # Routes a load balancer or orchestrator probes without credentials.
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 # The metric tag values of `route`: a fixed set, so random paths cannot grow the metrics (anything else: other).
-ROUTES = frozenset({"/v1/predict", "/v1/feedback", "/v1/model", "/docs", "/openapi.json", *OPEN_PATHS})
+ROUTES = frozenset(
+    {"/v1/predict", "/v1/feedback", "/v1/model", "/v1/model/card", "/docs", "/openapi.json", *OPEN_PATHS}
+)
 REQUEST_ID_HEADER = b"x-request-id"
 
 

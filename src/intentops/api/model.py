@@ -28,6 +28,8 @@ class LoadedModel:
     labels: frozenset[str] = field(repr=False)
     # The graph served, the one the settings asked for, and why they differ (None when they don't).
     variant: dict = field(default_factory=lambda: {"requested": "fp32", "served": "fp32", "reason": None})
+    # The bundle's human-readable model card (model_card.md), None when the bundle has none.
+    card_markdown: str | None = field(default=None, repr=False)
 
 
 def model_version(predictor: Predictor, bundle_dir: Path, registry_version: str | None) -> str:
@@ -38,6 +40,14 @@ def model_version(predictor: Predictor, bundle_dir: Path, registry_version: str 
 def model_card(predictor: Predictor) -> dict:
     """The bundle's card (card.json), else its record without the label list (a torch bundle has no card)."""
     return dict(predictor.card) or {k: v for k, v in predictor.meta.items() if k != "labels"}
+
+
+def read_model_card(bundle_dir: Path) -> str | None:
+    """The bundle's model_card.md (what export renders for people), or None when it has none."""
+    from intentops.inference.bundle import MODEL_CARD_FILE
+
+    path = bundle_dir / MODEL_CARD_FILE
+    return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
 def serving_calibration(
@@ -137,6 +147,7 @@ def load_model(bundle_dir: Path, registry_version: str | None, settings: Mapping
         thresholds=thresholds,
         labels=frozenset(predictor.labels),
         variant=variant,
+        card_markdown=read_model_card(bundle_dir),
     )
 
 

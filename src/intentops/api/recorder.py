@@ -156,7 +156,7 @@ class Recorder:
         )
         self.m_review = MetricCounter(
             "intentops_needs_review",
-            description="Predictions flagged needs_review.",
+            description="Predictions flagged needs_review, by reason (out_of_distribution is out_of_scope).",
             tag_keys=("reason", "model_version"),
         )
         self.m_confidence = Histogram(

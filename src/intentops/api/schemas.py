@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from intentops.data.text import text_problem
+from intentops.data.text import REFUSED, text_problem
 from intentops.errors import UserError
 
 
@@ -38,14 +38,78 @@ class RequestError(UserError):
         return body
 
 
+def _allowed_chars(refused: str) -> str:
+    """A regex character class body of `refused` (REFUSED's), every non-ASCII-printable code point as an
+    escape: the same in Python, Rust and ECMA-262 regexes."""
+    return "".join(c if " " < c < "\x7f" else f"\\u{ord(c):04x}" for c in refused)
+
+
+# Without the surrogates: no valid Unicode string holds one (a JSON "\ud800" escape alone makes one, refused all
+# the same), and regex engines that validate schemas (Rust's, Go's) refuse a surrogate range.
+_REFUSED_CLASS = _allowed_chars(REFUSED.pattern[1:-1].replace("\ud800-\udfff", ""))
+# What the server takes as a text (request_texts, intentops.data.text): no refused character, not blank.
+TEXT_PATTERN = f"^[^{_REFUSED_CLASS}]*[^\\s{_REFUSED_CLASS}][^{_REFUSED_CLASS}]*$"
+# Any other string field the server checks with text_problem (ids, labels, notes): no refused character.
+CLEAN_PATTERN = f"^[^{_REFUSED_CLASS}]*$"
+
+
+def _predict_request_schema(schema: dict[str, Any]) -> None:
+    """What request_texts enforces, said in the schema: `text` or `texts` (never null), exactly one of them."""
+    text = {"type": "string", "pattern": TEXT_PATTERN, "minLength": 1}
+    schema["properties"] = {
+        "text": {**text, "title": "Text", "description": "one customer message"},
+        "texts": {
+            "type": "array",
+            "items": text,
+            "minItems": 1,
+            "title": "Texts",
+            "description": "several messages, answered in order",
+        },
+    }
+    schema["oneOf"] = [{"required": ["text"]}, {"required": ["texts"]}]
+
+
 class PredictRequest(BaseModel):
     """One text or a list of texts; exactly one of the two."""
 
-    model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"text": "my card has not arrived"}]}
-    )
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_predict_request_schema)
     text: str | None = None
     texts: list[str] | None = None
+
+    @field_validator("text", "texts", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any, info: ValidationInfo) -> Any:
+        """An explicit null is refused (the schema has no null); a missing field is None."""
+        if value is None:
+            raise ValueError(f"`{info.field_name}` is null; send a value or leave the field out")
+        return value
+
+
+class Problem(BaseModel):
+    index: int = Field(description="the position of the bad text (0 for `text`)")
+    error: str
+
+
+class ErrorBody(BaseModel):
+    """Every error this API writes: what was wrong, where, and what to do."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": "text of 2301 characters; the limit is 2000",
+                    "where": "request body: text",
+                    "fix": "send at most 2000 characters (the first part of the message)",
+                }
+            ]
+        }
+    )
+    error: str = Field(description="what was wrong")
+    where: str | None = Field(description="where: the header, the request body field, the setting")
+    fix: str | None = Field(description="what to do about it")
+    problems: list[Problem] | None = Field(
+        default=None, description="every bad text of the request (a 422 on their content only)"
+    )
 
 
 class TopK(BaseModel):
@@ -55,19 +119,54 @@ class TopK(BaseModel):
 
 class Prediction(BaseModel):
     prediction_id: str = Field(description="send it back with POST /v1/feedback")
-    intent: str = Field(description="the top-1 intent (a suggestion only when out_of_scope)")
+    intent: str = Field(description="the top-1 intent (a suggestion only when needs_review)")
     confidence: float = Field(description="calibrated top-1 probability")
     top_k: list[TopK]
-    out_of_scope: bool = Field(description="not routed automatically: `reason` says why")
-    reason: Literal["out_of_distribution", "low_confidence", "ambiguous"] | None = Field(
-        description="out_of_distribution: the out-of-scope score is past the bundle's threshold; low_confidence: "
-        "top-1 below min_confidence; ambiguous: top1 - top2 below min_margin; null when in scope"
+    out_of_scope: bool = Field(
+        description="the text is out of distribution: none of the model's intents (reason out_of_distribution)"
     )
-    needs_review: bool = Field(description="queued for human review (true whenever out_of_scope)")
+    reason: Literal["out_of_distribution", "low_confidence", "ambiguous"] | None = Field(
+        description="why the text needs review, the first that applies: out_of_distribution (the out-of-scope "
+        "score is past the bundle's threshold, or the top-1 is a trained out-of-scope class); low_confidence "
+        "(top-1 below min_confidence); ambiguous (top1 - top2 below min_margin); null when it needs none"
+    )
+    needs_review: bool = Field(
+        description="do not route automatically: the text goes to human review (out of scope, low confidence "
+        "or ambiguous; `reason` says which)"
+    )
     model_version: str
 
 
+PREDICTION_EXAMPLE = {
+    "prediction_id": "3f1c2a9e-5b7d-4e0a-9c61-0d2b8f4a7e15",
+    "intent": "card_arrival",
+    "confidence": 0.94,
+    "top_k": [
+        {"intent": "card_arrival", "confidence": 0.94},
+        {"intent": "card_delivery_estimate", "confidence": 0.04},
+        {"intent": "lost_or_stolen_card", "confidence": 0.01},
+    ],
+    "out_of_scope": False,
+    "reason": None,
+    "needs_review": False,
+    "model_version": "m-5d0c3e1a9b7f",
+}
+
+
 class PredictResponse(BaseModel):
+    """One prediction per text, in the order sent."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "request_id": "6b1f0c2d-3e4a-4b5c-8d9e-0f1a2b3c4d5e",
+                    "model_version": "m-5d0c3e1a9b7f",
+                    "predictions": [PREDICTION_EXAMPLE],
+                }
+            ]
+        }
+    )
     request_id: str
     model_version: str
     predictions: list[Prediction]
@@ -82,16 +181,22 @@ class FeedbackRequest(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    prediction_id: str = Field(min_length=1, max_length=128)
+    # The patterns say in the schema what _follows_text_rules checks (the served document adds the label's enum).
+    prediction_id: str = Field(min_length=1, max_length=128, json_schema_extra={"pattern": CLEAN_PATTERN})
     label: str = Field(min_length=1, max_length=128)
     annotator: str = Field(
         default="api",
         min_length=1,
         max_length=128,
         description="a note only: the vote is recorded under the API key's client",
+        json_schema_extra={"pattern": CLEAN_PATTERN},
     )
     feedback_id: str | None = Field(
-        default=None, min_length=1, max_length=128, description="idempotency key, unique per client"
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="idempotency key, unique per client",
+        json_schema_extra={"pattern": CLEAN_PATTERN},
     )
     text: str | None = Field(
         default=None,
@@ -112,6 +217,20 @@ class FeedbackRequest(BaseModel):
 
 
 class FeedbackResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "prediction_id": "3f1c2a9e-5b7d-4e0a-9c61-0d2b8f4a7e15",
+                    "label": "card_delivery_estimate",
+                    "stored": True,
+                    "client": "helpdesk",
+                    "vote": True,
+                    "text_queued": False,
+                }
+            ]
+        }
+    )
     prediction_id: str
     label: str
     stored: bool = Field(description="false when the same feedback was already stored (an idempotent retry)")

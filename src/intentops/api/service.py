@@ -10,20 +10,22 @@ loads and swaps the model, the batcher pools texts into model calls, the recorde
 import asyncio
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException
 
+from intentops import __version__
 from intentops.api.batching import Batcher
 from intentops.api.health import CANARY_TEXT, Canary, Unavailable, readiness
 from intentops.api.middleware import Guard, Policy, request_id
 from intentops.api.model import LoadedModel, ModelSlot
+from intentops.api.openapi import FEEDBACK_ERRORS, error_responses, openapi_document
 from intentops.api.recorder import Recorder
 from intentops.api.requestlog import ReplicaRequestLog
 from intentops.api.schemas import (
@@ -38,13 +40,27 @@ from intentops.api.schemas import (
 from intentops.api.settings import load_settings, project_root
 from intentops.api.shadow import ShadowScorer
 from intentops.api.writer import error_text
+from intentops.inference.bundle import MODEL_CARD_FILE
 
-api = FastAPI(title="intentops", summary="Banking77 intent classification", docs_url=None, openapi_url=None)
+# The title and summary here are placeholders: GET /openapi.json names the dataset and taxonomy served.
+api = FastAPI(
+    title="intentops", summary="intent classification", version=__version__, docs_url=None, openapi_url=None
+)
 # This replica's request log: opened on the first request that logs (the replica's context exists from then).
 request_log = ReplicaRequestLog()
 # What the middleware checks before a body is parsed: its size (serving.max_body_bytes) and the API key.
 policy = Policy()
 api.add_middleware(Guard, request_log=request_log, policy=policy)
+
+
+# The request examples /docs offers (Swagger's drop-down) and the document lists.
+PREDICT_EXAMPLES = {
+    "one": {"summary": "one text", "value": {"text": "my card has not arrived"}},
+    "several": {
+        "summary": "several texts, answered in order",
+        "value": {"texts": ["my card has not arrived", "what exchange rate do you use?"]},
+    },
+}
 
 
 @api.exception_handler(RequestError)
@@ -56,8 +72,9 @@ async def _request_error(_: Request, err: RequestError) -> JSONResponse:
 
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
-    """404, 405 and the like, in the API's error shape."""
-    body = {"error": str(err.detail), "where": f"{request.method} {request.url.path}", "fix": "see /docs"}
+    """400 (a body FastAPI could not decode), 404, 405 and the like, in the API's error shape."""
+    fix = "send the body as UTF-8 JSON, as documented at /docs" if err.status_code == 400 else "see /docs"
+    body = {"error": str(err.detail), "where": f"{request.method} {request.url.path}", "fix": fix}
     return JSONResponse(body, status_code=err.status_code, headers=err.headers)
 
 
@@ -157,9 +174,19 @@ class IntentService:
             raise RuntimeError(f"replica cannot serve predictions: {body['reasons']}")
 
     # --- routes ----------------------------------------------------------------------------------------------
-    @api.post("/v1/predict", response_model=PredictResponse, responses={413: {}, 422: {}})
-    async def predict(self, body: PredictRequest, request: Request) -> Response:
-        """Intent, confidence, top-k and out-of-scope flags for each text, with a prediction id for /v1/feedback."""
+    @api.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        responses=error_responses(400, 413, 422, 500, 408, 503),
+    )
+    async def predict(
+        self, body: Annotated[PredictRequest, Body(openapi_examples=PREDICT_EXAMPLES)], request: Request
+    ) -> Response:
+        """Intent, confidence, top-k and review flags for each text, with a prediction id for /v1/feedback.
+
+        `needs_review` says not to route the text automatically (`reason`: out_of_distribution, low_confidence or
+        ambiguous); `out_of_scope` says the text is out of distribution (none of the intents).
+        """
         s = self.settings
         texts = request_texts(body, s["max_texts"], s["max_text_chars"])
         results = await self.batcher.predict(texts)
@@ -169,8 +196,13 @@ class IntentService:
         version = rows[0]["model_version"]
         info = request.scope.get("intentops")
         if info is not None:  # for the request log line (middleware.Guard)
-            flagged = sum(r["out_of_scope"] for r in rows)
-            info.update(model_version=version, n_texts=len(rows), out_of_scope=flagged, **call)
+            info.update(
+                model_version=version,
+                n_texts=len(rows),
+                out_of_scope=sum(r["out_of_scope"] for r in rows),  # out of distribution only
+                needs_review=sum(r["needs_review"] for r in rows),  # any reason
+                **call,
+            )
         rid = info["request_id"] if info is not None else request_id(request.scope["headers"])
         body = orjson.dumps({"request_id": rid, "model_version": version, "predictions": rows})
         return Response(body, media_type="application/json")  # encoded once, not validated again
@@ -179,7 +211,7 @@ class IntentService:
         "/v1/feedback",
         response_model=FeedbackResponse,
         status_code=201,
-        responses={404: {}, 409: {}, 413: {}, 422: {}, 503: {}},
+        responses=error_responses(400, 404, 409, 413, 422, 500, 408, 503, overrides=FEEDBACK_ERRORS),
     )
     async def feedback(self, body: FeedbackRequest, request: Request) -> JSONResponse:
         """Store a corrected label for a prediction id this API returned (idempotent per client with `feedback_id`).
@@ -255,10 +287,12 @@ class IntentService:
             )
         return result
 
-    @api.get("/v1/model")
-    async def model_info(self) -> dict:
-        """The model card of the version being served, its labels and review thresholds."""
+    @api.get("/v1/model", responses=error_responses(500, 408, 503))
+    async def model_info(self, request: Request) -> dict:
+        """The model card of the version being served, its labels and review thresholds, and a link to the
+        human-readable card (`model_card`, null when the bundle has none)."""
         m = self.slot.current
+        link = f"{request.scope.get('root_path', '')}/v1/model/card" if m.card_markdown is not None else None
         return {
             "version": m.version,
             "bundle": str(m.bundle_dir),
@@ -266,15 +300,45 @@ class IntentService:
             "thresholds": m.thresholds,
             "variant": m.variant,
             "card": m.card,
+            "model_card": link,
             "reload": self.slot.failure.report() if self.slot.failure else None,
         }
+
+    @api.get(
+        "/v1/model/card",
+        response_class=Response,  # no default media type: 200 is markdown, the errors JSON
+        responses={
+            200: {
+                "description": "the served bundle's model_card.md",
+                "content": {"text/markdown": {"schema": {"type": "string"}}},
+            },
+            **error_responses(404, 500, 408, 503, overrides={404: "the served bundle has no model card"}),
+        },
+    )
+    async def model_card(self) -> Response:
+        """The model card of the version being served, for people: intended use, data, metrics, limitations."""
+        m = self.slot.current
+        if m.card_markdown is None:
+            raise RequestError(
+                404,
+                f"the served bundle {m.version} has no model card ({MODEL_CARD_FILE})",
+                where=str(m.bundle_dir),
+                fix="serve a bundle exported by this version of `export` (it renders the card), or read "
+                "GET /v1/model for the machine-readable card",
+            )
+        return PlainTextResponse(m.card_markdown, media_type="text/markdown")
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @api.get("/readyz")
+    @api.get(
+        "/readyz",
+        responses={
+            503: {"description": "loading or unhealthy: the same body, status and reasons; Retry-After 5"}
+        },
+    )
     async def readyz(self) -> JSONResponse:
         """Readiness: 200 ready, or degraded (predictions served, reasons listed: store down, a load failing);
         503 loading or unhealthy (no model, or the predict canary stuck or failing)."""
@@ -283,11 +347,14 @@ class IntentService:
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi(self) -> dict:
-        return api.openapi()
+        """The document for the model and settings being served (openapi.openapi_document)."""
+        m = self.slot.current
+        return openapi_document(api.openapi(), m.labels, m.card, self.settings, bool(policy.keys))
 
     @api.get("/docs", include_in_schema=False)
-    async def docs(self) -> Any:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="intentops API")
+    async def docs(self, request: Request) -> Any:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="intentops API")
 
     def __del__(self) -> None:
         """Serve's graceful shutdown (and a redeploy): write the buffered predictions, shadow scores, logs, profiles."""

@@ -33,6 +33,7 @@ from intentops.data.taxonomy import Taxonomy
 from intentops.data.text import display_text, text_problem
 from intentops.errors import UserError
 from intentops.feedback import store
+from intentops.timing import progress
 
 UNCLEAR = "unclear"
 OUT_OF_SCOPE = "out_of_scope"
@@ -239,8 +240,11 @@ def review_of(params: Any) -> Review:
         engine.dispose()
 
 
-def review_export(review: Review, params: Any) -> tuple[pd.DataFrame, dict[str, int]]:
-    """export_table over a Review, with the taxonomy and guideline version of `params`."""
+def review_export(
+    review: Review, params: Any, desc: str | None = None
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """export_table over a Review, with the taxonomy and guideline version of `params` (`desc`: a progress bar's
+    label)."""
     return export_table(
         review.items,
         review.votes,
@@ -249,6 +253,7 @@ def review_export(review: Review, params: Any) -> tuple[pd.DataFrame, dict[str, 
         review.min_annotators,
         str(params.feedback.label.guideline_version),
         review.api_min_votes,
+        desc,
     )
 
 
@@ -379,6 +384,7 @@ def export_table(
     min_annotators: int,
     guideline_version: str,
     api_min_votes: int = 0,
+    desc: str | None = None,
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """The labelled rows ready for training (text, label + provenance) and a count of every item's status.
 
@@ -387,11 +393,12 @@ def export_table(
     (out_of_scope without an out-of-scope class) are counted as `not_trainable`, a resolved item whose
     text an earlier item already has as `repeats`, and one whose text or label breaks the text rules
     (intentops.data.text.text_problem; ingest would refuse the file) as `bad_text`; none of these is exported.
+    `desc` labels a progress bar over the items (`timing.progress`).
     """
     from intentops.data.readers import match_key
 
     rows, status, seen = [], Counter(), set()
-    for item in items:
+    for item in progress(items, desc, unit="item"):
         pid = item["prediction_id"]
         adj = adjudicated.get(pid)
         item_votes = dict(votes.get(pid, {}))
@@ -537,7 +544,7 @@ def main_export(params: Any, out: str | None = None) -> dict[str, Any]:
 
     out = out or params.paths.feedback_labels
     review = review_of(params)
-    table, status = review_export(review, params)
+    table, status = review_export(review, params, desc="label export")
     votes = review.votes
     stats = agreement(votes)
     with atomic_path(out) as tmp:

@@ -1,7 +1,8 @@
 """Every prediction id the API returned (store.predictions), so /v1/feedback can tell a real id from a made-up one.
 
-Only the id, model version, intent, confidence and review flag are kept, never the text; the text of an
-out-of-scope prediction (needs_review) goes to the review queue with its reason, and so does the text of a
+Only the id, model version, intent, confidence and review flag are kept, never the text; the text of a
+prediction that needs review (`needs_review`: out of scope, low confidence or ambiguous) goes to the review queue
+with its reason, and so does the text of a
 prediction in the audit sample (serving.store.audit_share; reason `audit`), whose labels measure live accuracy.
 """
 
@@ -28,8 +29,8 @@ def record_calls(
     """Store model calls' API rows (shape of api.schemas.shape_predictions) and queue the texts of flagged
     ones, in one transaction.
 
-    The out-of-scope rows (out_of_distribution, low_confidence, ambiguous) go to the review queue with their
-    reason, in the same commit as the ids.
+    The rows that need review (`needs_review`; reason out_of_distribution, low_confidence or ambiguous) go to the
+    review queue with their reason, in the same commit as the ids.
 
     Args:
         calls: (texts, shaped predictions) per model call, the texts in the order of the rows.

@@ -2,12 +2,12 @@
 
 Torch bundles (`train`): bundle.json (format "torch"), featurizer.joblib, net.pt, manifest.json.
 ONNX bundles (`export`): bundle.json (format "onnx"), model.onnx [+ model.int8.onnx], tokenizer.json,
-tfidf.joblib, labels.json, calibration.json [+ ood_stats.npz], card.json, manifest.json.
+tfidf.joblib, labels.json, calibration.json [+ ood_stats.npz], card.json, model_card.md, manifest.json.
 
 The manifest (manifest.json) lists every other file of the bundle with its size in bytes and its full sha256,
-bundle.json and card.json included. `verify_bundle` checks it before anything in the bundle is unpickled or
-parsed (only bundle.json is read, as JSON, once its hash matched); `seal` writes it. What a bundle that verifies
-is known to be:
+bundle.json, card.json and model_card.md included. `verify_bundle` checks it before anything in the bundle is
+unpickled or parsed (only bundle.json is read, as JSON, once its hash matched); `seal` writes it. What a bundle
+that verifies is known to be:
 
 - complete and unchanged since it was sealed: no file missing, none added, none truncated or edited (a partial
   copy, a bit flip, a pickle dropped in next to the others); only regular files, no symlinks, no folders;
@@ -21,8 +21,8 @@ can rewrite a file, bundle.json's version and the manifest consistently. That is
 from the manifest rather than read from bundle.json: such a rewrite of a file that decides predictions changes
 the version, which is caught only when the caller pins the version it expects (the registry does; a bundle
 served from a plain folder is not pinned). A consistent rewrite of a file outside the version (bundle.json's
-other fields, card.json) is not caught at all; they hold no code or weights, but bundle.json's "format" decides
-how the rest is loaded. A torch bundle (whose featurizer is a pickle) has no content version: it is checked file
+other fields, card.json, model_card.md) is not caught at all; they hold no code or weights, but bundle.json's
+"format" decides how the rest is loaded. A torch bundle (whose featurizer is a pickle) has no content version: it is checked file
 by file only and refused when a version is pinned, which, with serving loading ONNX bundles only unless
 `serving.allow_torch_bundles` says otherwise, keeps a rewrite to "torch" from running a pickle. Files are hashed,
 then loaded: a writer racing the loader between the two is not caught either.
@@ -51,6 +51,9 @@ LABELS_FILE = "labels.json"
 CALIBRATION_FILE = "calibration.json"
 OOD_STATS_FILE = "ood_stats.npz"
 CARD_FILE = "card.json"
+# The human-readable model card export renders (intended use, data, metrics, limitations, how to reproduce);
+# like card.json it describes the model and is left out of the version.
+MODEL_CARD_FILE = "model_card.md"
 # The files that decide what an ONNX bundle predicts; the card (git revision, timings) is left out of the version.
 VERSIONED_FILES = (
     ONNX_FILE,
@@ -61,7 +64,7 @@ VERSIONED_FILES = (
     CALIBRATION_FILE,
     OOD_STATS_FILE,
 )
-ONNX_BUNDLE_FILES = frozenset((BUNDLE_META, CARD_FILE, *VERSIONED_FILES))
+ONNX_BUNDLE_FILES = frozenset((BUNDLE_META, CARD_FILE, MODEL_CARD_FILE, *VERSIONED_FILES))
 MANIFEST_SCHEMA = 1
 _RESEAL = (
     "re-write the bundle with this version of intentops (`dvc repro export`, or `dvc repro train` for a torch "
@@ -84,6 +87,18 @@ def read_meta(bundle_dir: str | os.PathLike) -> dict:
 def read_json_file(path: Path) -> dict | list | None:
     """A JSON file of the bundle, or None when it is absent."""
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def read_model_card(bundle_dir: str | os.PathLike) -> str:
+    """The bundle's model_card.md; a UserError when the bundle has none (exported before cards were rendered)."""
+    path = Path(bundle_dir) / MODEL_CARD_FILE
+    if not path.is_file():
+        raise UserError(
+            f"the bundle has no {MODEL_CARD_FILE}",
+            where=str(path),
+            fix=f"re-export it (`dvc repro export`) to render one; {CARD_FILE} holds the machine-readable card",
+        )
+    return path.read_text(encoding="utf-8")
 
 
 def file_sha256(path: str | os.PathLike, follow_symlinks: bool = True) -> str:

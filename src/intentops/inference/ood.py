@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from intentops.timing import progress
+
 METHODS = ("msp", "energy", "mahalanobis", "knn")
 # Scores where larger means "more out-of-scope"; msp is a confidence, so small means out-of-scope.
 HIGHER_IS_OOD = {"msp": False, "energy": True, "mahalanobis": True, "knn": True}
@@ -268,11 +270,13 @@ def expected_operating_point(
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    desc: str | None = None,
 ) -> dict:
     """The coverage (and recall) to expect on new data from choosing the threshold on rows `x`
     (`threshold_inputs`), with a bootstrap interval: on each resample (in-scope and out-of-scope rows resampled
     separately) the threshold is chosen again and measured on all of `x`, standing in for the population. The
-    spread is that of the threshold's true coverage; a finite test set adds its own sampling noise.
+    spread is that of the threshold's true coverage; a finite test set adds its own sampling noise. `desc` labels
+    a progress bar over the resamples (`timing.progress`).
 
     Returns:
         {"in_sample": the chosen threshold's figures on `x`, "expected": {figure: {"estimate" (median), "low",
@@ -281,7 +285,7 @@ def expected_operating_point(
     rng = np.random.default_rng(seed)
     groups = [g for g in (np.flatnonzero(~x["is_oos"]), np.flatnonzero(x["is_oos"])) if len(g)]
     draws = []
-    for _ in range(int(n_boot)):
+    for _ in progress(range(int(n_boot)), desc, unit="resample"):
         idx = np.concatenate([rng.choice(g, len(g)) for g in groups])
         draws.append(_point(x, _choose(_rows(x, idx), higher_is_ood, target), higher_is_ood))
     q = ((1 - level) / 2, 0.5, 1 - (1 - level) / 2)
@@ -478,7 +482,8 @@ def postprocess(
 
     Returns:
         {"proba" (n, k) float32, "pred" (n,) top-1 index, "confidence" (n,), "margin" (n,) top1 − top2,
-         "ood_score" (n,), "out_of_scope" (n,) bool, "needs_review" (n,) bool (low confidence or ambiguous),
+         "ood_score" (n,), "out_of_scope" (n,) bool (out-of-distribution only, a trained out-of-scope class's
+         top-1 included), "needs_review" (n,) bool (out-of-scope, low confidence or ambiguous: any reason),
          "reason" (n,) object: None, "out_of_distribution", "low_confidence" or "ambiguous" (first that applies)}
     """
     logits = np.asarray(logits)
@@ -515,7 +520,7 @@ def postprocess(
         "margin": margin,
         "ood_score": score,
         "out_of_scope": out_of_scope,
-        "needs_review": low | ambiguous,
+        "needs_review": out_of_scope | low | ambiguous,  # exactly the rows with a reason
         "reason": reason,
     }
 

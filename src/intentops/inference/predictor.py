@@ -129,8 +129,9 @@ class Predictor:
     def predict(self, texts: Sequence[str], top_k: int = 3) -> list[dict]:
         """Per text: intent, confidence, top_k [{"intent", "confidence"}], out_of_scope, reason, needs_review.
 
-        `reason` is "out_of_distribution", "low_confidence", "ambiguous" or None (see `ood.postprocess`), and
-        `out_of_scope` (= needs_review: the text goes to the review queue) is true whenever there is one.
+        `reason` is "out_of_distribution", "low_confidence", "ambiguous" or None (see `ood.postprocess`);
+        `needs_review` (the text goes to the review queue) is true whenever there is one, `out_of_scope` only for
+        "out_of_distribution".
         """
         texts = list(texts)
         if not texts:
@@ -154,16 +155,18 @@ class Predictor:
 
 
 def prediction_row(proba: list[float], top: list[int], reason: str | None, labels: list[str]) -> dict:
-    """One `predict` row from a probability row, its top-k column indices and its review reason."""
+    """One `predict` row from a probability row, its top-k column indices and its review reason.
+
+    `out_of_scope` is true only for "out_of_distribution"; `needs_review` for any reason (see `ood.postprocess`).
+    """
     top_k = [{"intent": labels[j], "confidence": proba[j]} for j in top]
-    flagged = reason is not None
     return {
         "intent": top_k[0]["intent"],
         "confidence": top_k[0]["confidence"],
         "top_k": top_k,
-        "out_of_scope": flagged,
+        "out_of_scope": reason == "out_of_distribution",
         "reason": reason,
-        "needs_review": flagged,
+        "needs_review": reason is not None,
     }
 
 

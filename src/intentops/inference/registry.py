@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from intentops.errors import UserError
-from intentops.inference.bundle import verify_bundle
+from intentops.inference.bundle import read_model_card, verify_bundle
 
 POINTER = "production"
 EVENTS = "events"
@@ -418,6 +418,13 @@ class Registry:
             shutil.rmtree(tmp, ignore_errors=True)
         _prune(cache, keep=CACHE_KEEP)
         return dest
+
+    def model_card(self, version: str, cache: str | os.PathLike | None = None) -> str:
+        """The model card (model_card.md) of a registered version, read from a copy that verifies as it."""
+        folder = self.fetch(version, cache)
+        if not is_remote(self.url):  # fetch verified a remote copy; the registry's own folder is checked here
+            verify_bundle(folder, expected_version=version)
+        return read_model_card(folder)
 
 
 def _event_name(seq: int) -> str:

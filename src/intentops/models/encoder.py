@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from intentops.errors import UserError
+from intentops.timing import progress
 
 log = logging.getLogger(__name__)
 
@@ -118,34 +119,50 @@ def pool_layers(hidden_states, attention_mask, layers: list[int]):
 
 
 def run_embed(
-    encoder, texts: list[str], batch_size: int = 64, progress: bool = False, layers: list[int] | None = None
+    encoder, texts: list[str], batch_size: int = 64, desc: str | None = None, layers: list[int] | None = None
 ) -> np.ndarray:
     """Encode `texts` into unit-norm float32 vectors, shape (n, dim).
 
     Args:
+        desc: the label of a progress bar over the sentences, batch by batch (`timing.progress`); None: no bar.
         layers: hidden-state indices to mean-pool and concatenate (`pool_layers`), e.g. [-3, -2, -1]: the lower
             layers keep more of the wording, which helps on short queries (CLINC150). None: the encoder's
             own sentence embedding.
     """
-    if not layers:
-        vecs = encoder.encode(
-            list(texts),
-            batch_size=batch_size,
-            show_progress_bar=progress,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-        )
-        return np.asarray(vecs, dtype=np.float32).reshape(len(texts), -1)
+    with progress(total=len(texts), desc=desc, unit="sent") as bar:
+        if layers:
+            return _pooled_layers(encoder, [str(t) for t in texts], batch_size, layers, bar.update)
+
+        # sentence-transformers batches inside `encode`; a forward hook counts each batch as it is encoded, so the
+        # batches (and the vectors) are exactly those of a plain `encode` call.
+        def count(_module, _inputs, out) -> None:  # a hook that returns a value would replace the output
+            bar.update(len(out["sentence_embedding"]))
+
+        hook = encoder.register_forward_hook(count)
+        try:
+            vecs = encoder.encode(
+                list(texts),
+                batch_size=batch_size,
+                show_progress_bar=False,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+            )
+        finally:
+            hook.remove()
+    return np.asarray(vecs, dtype=np.float32).reshape(len(texts), -1)
+
+
+def _pooled_layers(encoder, texts: list[str], batch_size: int, layers: list[int], done) -> np.ndarray:
+    """`run_embed` with `layers`: batches of similar length through the bare transformer, `pool_layers` of the
+    chosen hidden states; `done(rows)` after each batch."""
     import torch
 
     bert = encoder[0].auto_model
     layers = check_layers(list(layers), int(bert.config.num_hidden_layers))
-    texts = [str(t) for t in texts]
     out = np.zeros((len(texts), bert.config.hidden_size * len(layers)), dtype=np.float32)
     order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths share a batch: less padding
-    n_batches = max(1, math.ceil(len(texts) / batch_size))
     with torch.inference_mode():
-        for b, start in enumerate(range(0, len(texts), batch_size)):
+        for start in range(0, len(texts), batch_size):
             idx = order[start : start + batch_size]
             tokens = encoder.tokenizer(
                 [texts[i] for i in idx],
@@ -156,6 +173,5 @@ def run_embed(
             )
             hidden = bert(**tokens, output_hidden_states=True).hidden_states
             out[idx] = pool_layers(hidden, tokens["attention_mask"], layers).float().numpy()
-            if progress and (b + 1) % max(1, n_batches // 10) == 0:
-                log.info("embed: %d/%d batches", b + 1, n_batches)
+            done(len(idx))
     return out

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from sklearn.svm import LinearSVC
 
-from intentops.config import load_params
+from intentops.config import check_stage_args, load_params
 from intentops.errors import cli_entry
 from intentops.io import write_metrics
 from intentops.metrics import classification_summary
@@ -54,4 +54,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    check_stage_args("baseline", __doc__)  # --help, or exit 2 on any argument
     main()

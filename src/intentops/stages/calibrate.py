@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from intentops.config import load_params
+from intentops.config import check_stage_args, load_params
 from intentops.data.splits import CROSSFIT_FILE, SPLITS, read_embeddings, read_splits
 from intentops.data.taxonomy import Taxonomy
 from intentops.errors import UserError, cli_entry
@@ -165,6 +165,7 @@ def expect(rows: dict, calibration: dict, cfg: dict, oos_index: int | None) -> d
         int(boot.get("n", 1000)),
         float(boot.get("level", 0.95)),
         int(boot.get("seed", 0)),
+        desc="calibrate: bootstrap",
     )
 
 
@@ -350,4 +351,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    check_stage_args("calibrate", __doc__)  # --help, or exit 2 on any argument
     main()

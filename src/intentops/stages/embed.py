@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from intentops.config import load_params
+from intentops.config import check_stage_args, load_params
 from intentops.data.splits import SPLITS
 from intentops.errors import cli_entry
 from intentops.io import atomic_path, write_json
@@ -35,7 +35,7 @@ def main() -> None:
         for split in SPLITS:
             texts = pd.read_parquet(paths[split], columns=["text"])["text"].tolist()
             log.info("embed: encoding %d %s sentences", len(texts), split)
-            vecs = run_embed(encoder, texts, ecfg.batch_size, progress=True, layers=layers)
+            vecs = run_embed(encoder, texts, ecfg.batch_size, desc=f"embed: {split}", layers=layers)
             np.save(Path(tmp) / f"{split}.npy", vecs)
             shapes[split] = list(vecs.shape)
         write_json(
@@ -51,4 +51,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    check_stage_args("embed", __doc__)  # --help, or exit 2 on any argument
     main()

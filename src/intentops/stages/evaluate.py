@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from intentops.config import load_params
+from intentops.config import check_stage_args, load_params
 from intentops.data.taxonomy import Taxonomy
 from intentops.data.text import has_amount, has_digits
 from intentops.errors import cli_entry
@@ -40,6 +40,36 @@ def per_class_report(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) 
             "false_negatives": cm.sum(axis=1) - tp,
         }
     )
+
+
+def normalised_confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """The (k, k) confusion matrix with each row divided by its support: row i says where intent i's rows went,
+    and its diagonal entry is intent i's recall (a row without test rows stays 0)."""
+    cm = confusion_matrix(y_true, y_pred, labels=np.arange(n_classes)).astype(np.float64)
+    support = cm.sum(axis=1, keepdims=True)
+    return np.divide(cm, support, out=np.zeros_like(cm), where=support > 0)
+
+
+def confusion_figure(matrix: np.ndarray, labels: list[str], title: str):
+    """A heatmap of `normalised_confusion` (rows: actual intent, columns: predicted), sized so that 77 or 150
+    intents keep readable tick labels, where DVC's confusion template is not."""
+    from matplotlib.colors import PowerNorm
+    from matplotlib.figure import Figure
+
+    k = len(labels)
+    side = max(6.0, 0.12 * k + 2.5)  # inches: ~0.12 per intent leaves room for a 6 pt label
+    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    ax = fig.add_subplot()
+    # A square-root colour scale: a 5 % confusion shows next to a 95 % recall.
+    image = ax.imshow(matrix, cmap="Blues", norm=PowerNorm(0.5, vmin=0.0, vmax=1.0), interpolation="nearest")
+    ticks = np.arange(k)
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=6)
+    ax.set_yticks(ticks, labels, fontsize=6)
+    ax.set_xlabel("predicted intent")
+    ax.set_ylabel("actual intent")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, shrink=0.5, label="share of the actual intent's rows (diagonal: recall)")
+    return fig
 
 
 def confused_pairs(
@@ -93,8 +123,8 @@ def run_evaluate(
     """Everything `evaluate` reports, from predicted probabilities (n, k) and true label ids (n,).
 
     Returns:
-        {"metrics", "per_class" (DataFrame), "confusion" (rows for dvc plots), "reliability", "confidence",
-         "f1_bars", "pairs", "slices"}
+        {"metrics", "per_class" (DataFrame), "confusion" (rows for dvc plots), "confusion_normalised" ((k, k)
+         array, `normalised_confusion`), "reliability", "confidence", "f1_bars", "pairs", "slices"}
     """
     y_pred = proba.argmax(axis=1)
     conf = proba.max(axis=1)
@@ -116,6 +146,7 @@ def run_evaluate(
         "confusion": [
             {"actual": labels[t], "predicted": labels[p]} for t, p in zip(y_true, y_pred, strict=True)
         ],
+        "confusion_normalised": normalised_confusion(y_true, y_pred, len(labels)),
         "reliability": reliability_bins(proba, y_true, n_bins),
         "confidence": [
             {"confidence": round(float(c), 4), "correct": bool(ok)}
@@ -254,11 +285,16 @@ def operating_point(
     }
 
 
-def write_reports(paths, result: dict, metrics: dict) -> None:
-    """The DVC plots, per-class tables, error analysis and metrics, each written atomically."""
+def write_reports(paths, result: dict, metrics: dict, dataset: str = "") -> None:
+    """The DVC plots, per-class tables, error analysis and metrics, each written atomically; `dataset` (data.name)
+    goes into the titles of the plots drawn here."""
     with atomic_path(Path(paths.eval_plots_dir)) as tmp:
         tmp.mkdir(parents=True)
         write_json(tmp / "confusion.json", result["confusion"])
+        where = f"test, {dataset}" if dataset else "test"
+        title = f"Confusion matrix, rows normalised: recall on the diagonal ({where})"
+        figure = confusion_figure(result["confusion_normalised"], list(result["per_class"]["intent"]), title)
+        figure.savefig(tmp / "confusion_normalised.png", format="png", dpi=100)
         write_json(tmp / "per_class_f1.json", result["f1_bars"])
         write_json(tmp / "reliability.json", result["reliability"])
         write_json(tmp / "confidence.json", confidence_histogram(result["confidence"]))
@@ -267,6 +303,7 @@ def write_reports(paths, result: dict, metrics: dict) -> None:
         result["per_class"].to_csv(tmp, index=False)
     with atomic_path(paths.error_analysis) as tmp:
         tmp.write_text(error_analysis_markdown(result, metrics.get("operating_point")), encoding="utf-8")
+    write_json(paths.error_analysis_data, {"pairs": result["pairs"], "slices": result["slices"]})
     write_json(paths.eval_metrics, metrics)
 
 
@@ -313,9 +350,10 @@ def main() -> None:
         metrics["operating_point"] = point
     if Path(paths.baseline_metrics).is_file():  # the bar to clear, side by side with the model
         metrics["baseline_accuracy"] = read_json(paths.baseline_metrics)["test"]["accuracy"]
-    write_reports(paths, result, metrics)
+    write_reports(paths, result, metrics, str(cfg.data.name))
     log_summary(metrics)
 
 
 if __name__ == "__main__":
+    check_stage_args("evaluate", __doc__)  # --help, or exit 2 on any argument
     main()

@@ -17,6 +17,9 @@ Bundle layout (paths.bundle_dir):
                        unless fp32's calibration holds for it on val (`int8_calibration`)
     ood_stats.npz      the statistics an embedding out-of-scope method needs (mahalanobis, knn); absent otherwise
     card.json          model card: version, metrics, data hashes, params, git revision, W&B run
+    model_card.md      the model card for people (`intentops.inference.model_card`): intended use, data and
+                       licence, metrics, calibration, out-of-scope operating point, fp32 vs int8, limitations,
+                       how to reproduce; from card.json and the evaluate and calibrate reports
     manifest.json      size and sha256 of every file above (`intentops.inference.bundle.seal`, written last)
 """
 
@@ -32,7 +35,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from intentops.config import load_params
+from intentops.config import check_stage_args, load_params
 from intentops.errors import UserError, cli_entry
 from intentops.inference.bundle import (
     BUNDLE_META,
@@ -40,6 +43,8 @@ from intentops.inference.bundle import (
     CARD_FILE,
     INT8_FILE,
     LABELS_FILE,
+    MANIFEST_FILE,
+    MODEL_CARD_FILE,
     ONNX_FILE,
     OOD_STATS_FILE,
     TFIDF_FILE,
@@ -48,6 +53,7 @@ from intentops.inference.bundle import (
     file_sha256,
     seal,
 )
+from intentops.inference.model_card import card_context, render_card
 from intentops.inference.ood import (
     EMBEDDING_METHODS,
     load_calibration,
@@ -62,7 +68,7 @@ from intentops.io import atomic_path, read_json, write_json, write_npz
 from intentops.metrics import classification_summary
 from intentops.models.labels import encode_with_oos, label_ids
 from intentops.models.tfidf import strip_process_state
-from intentops.timing import latency_ms, timed
+from intentops.timing import latency_ms, progress, timed
 
 log = logging.getLogger(__name__)
 
@@ -311,18 +317,23 @@ def measure_bundle(
         (parity, {"torch", "fp32"[, "int8"]} metrics, {variant: (its OnnxPredictor, test logits (n, k))})
     """
     temperature = float(reference.calibration.get("temperature", 1.0))
-    ref, ref_t = timed_logits(reference.logits, texts, batch_size, latency_calls)
-    fp32 = OnnxPredictor.from_bundle(out)
-    got, got_t = timed_logits(fp32.logits, texts, batch_size, latency_calls)
+    predictors = {"torch": reference, "fp32": OnnxPredictor.from_bundle(out)}
+    if (out / INT8_FILE).is_file():
+        predictors["int8"] = OnnxPredictor.from_bundle(out, variant="int8")
+    timings = {}
+    # One step per graph (minutes on 2 cores, torch the slowest); the postfix names the graph being timed.
+    for name in (bar := progress(predictors, "export parity", unit="graph")):
+        bar.set_postfix_str(name)
+        timings[name] = timed_logits(predictors[name].logits, texts, batch_size, latency_calls)
+    (ref, ref_t), (got, got_t) = timings["torch"], timings["fp32"]
     parity = parity_report(softmax(ref, temperature), softmax(got, temperature), min_agreement, max_abs_diff)
     metrics = {
         "torch": {**scores(ref, y), **ref_t},
         "fp32": {**scores(got, y), **got_t, "bytes": (out / ONNX_FILE).stat().st_size},
     }
-    graphs = {"fp32": (fp32, got)}
-    if (out / INT8_FILE).is_file():
-        int8 = OnnxPredictor.from_bundle(out, variant="int8")
-        q, q_t = timed_logits(int8.logits, texts, batch_size, latency_calls)
+    graphs = {"fp32": (predictors["fp32"], got)}
+    if "int8" in predictors:
+        q, q_t = timings["int8"]
         metrics["int8"] = {
             **scores(q, y),
             **q_t,
@@ -332,7 +343,7 @@ def measure_bundle(
                 float(np.abs(softmax(q, temperature) - softmax(got, temperature)).max()), 4
             ),
         }
-        graphs["int8"] = (int8, q)
+        graphs["int8"] = (predictors["int8"], q)
     return parity, metrics, graphs
 
 
@@ -631,6 +642,33 @@ def build_card(
     }
 
 
+def card_files(paths) -> tuple[dict[str, int], dict[str, str]]:
+    """Rows per split, and the sha256 of each input file that decides the bundle (the splits, the trained
+    model's manifest, calibrate's fit), by path: what model_card.md lists to reproduce it."""
+    import pyarrow.parquet as pq
+
+    splits = {s: paths[s] for s in ("train", "val", "test") if Path(paths[s]).is_file()}
+    model = Path(paths.model_dir) / MANIFEST_FILE
+    files = [*splits.values(), model, paths.calibration, paths.calibration_stats]
+    sha = {str(f): file_sha256(f) for f in files if Path(f).is_file()}
+    return {s: pq.read_metadata(f).num_rows for s, f in splits.items()}, sha
+
+
+def write_model_card(
+    out: Path, card: dict, reports: dict, result: dict, n_intents: int, files: tuple[dict, dict]
+) -> None:
+    """Render model_card.md into the bundle `out` from card.json's facts, the stage reports and export's result.
+
+    Args:
+        reports: {name: loaded report or None} (train, eval, per_class, errors, calibrate).
+        files: `card_files`' (rows per split, {input path: sha256}).
+    """
+    check = (read_json(out / BUNDLE_META).get("variant_checks") or {}).get("int8")
+    measured = {"export": result["metrics"], "parity": result["parity"], "variant_check": check}
+    context = card_context(card, {**reports, **measured}, files[0], n_intents, files[1])
+    (out / MODEL_CARD_FILE).write_text(render_card(context), encoding="utf-8")
+
+
 def export_inputs(cfg) -> dict:
     """The trained predictor, its encoder, the test split and the calibration the bundle will carry."""
     from intentops.models.encoder import load_encoder, resolve_encoder
@@ -714,7 +752,13 @@ def main() -> None:
     threads = int(ecfg.intra_op_num_threads or os.cpu_count() or 1)
     reports = {
         name: (read_json(p) if Path(p).is_file() else None)
-        for name, p in (("train", paths.train_metrics), ("eval", paths.eval_metrics))
+        for name, p in (
+            ("train", paths.train_metrics),
+            ("eval", paths.eval_metrics),
+            ("per_class", paths.eval_per_class),
+            ("errors", paths.error_analysis_data),
+            ("calibrate", paths.calibrate_metrics),
+        )
     }
     data_sha = {s: file_sha256(paths[s]) for s in ("train", "val", "test") if Path(paths[s]).is_file()}
     with atomic_path(paths.bundle_dir) as tmp:
@@ -741,6 +785,7 @@ def main() -> None:
             inputs["calibration"],
         )
         write_json(tmp / CARD_FILE, card)
+        write_model_card(tmp, card, reports, result, len(inputs["predictor"].labels), card_files(paths))
         write_json(paths.export_parity, {"version": result["version"], **result["parity"]})
         check_parity(
             result["parity"], str(paths.export_parity)
@@ -758,4 +803,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    check_stage_args("export", __doc__)  # --help, or exit 2 on any argument
     main()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
-from intentops.config import load_params
+from intentops.config import check_stage_args, load_params
 from intentops.data import CANONICAL_COLUMNS
 from intentops.data.readers import read_clinc_json, read_csv_rows, read_feedback, read_taxonomy
 from intentops.data.sources import FileSpec, fetch_verified, mirror_from
@@ -141,4 +141,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    check_stage_args("ingest", __doc__)  # --help, or exit 2 on any argument
     main()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from intentops.config import load_params
+from intentops.config import check_stage_args, load_params
 from intentops.errors import cli_entry
 from intentops.monitor.profiles import write_reference
 
@@ -41,4 +41,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    check_stage_args("profile", __doc__)  # --help, or exit 2 on any argument
     main()

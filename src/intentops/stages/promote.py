@@ -15,10 +15,11 @@ import os
 
 import numpy as np
 
+from intentops.config import check_stage_args
 from intentops.errors import UserError, cli_entry
 from intentops.metrics import macro_f1
 from intentops.models.labels import label_ids
-from intentops.timing import latency_ms
+from intentops.timing import latency_ms, progress
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +60,17 @@ def paired_bootstrap_macro_f1(
     rng = np.random.default_rng(seed)
     n = len(y_true)
     diffs = []
-    for start in range(0, n_boot, 200):  # chunks keep the (B, n) weight matrix small
-        b = min(200, n_boot - start)
-        idx = rng.integers(0, n, size=(b, n))
-        weights = np.zeros((b, n))
-        np.add.at(weights, (np.repeat(np.arange(b), n), idx.ravel()), 1.0)
-        diffs.append(
-            weighted_macro_f1(y_true, pred_a, n_classes, weights)
-            - weighted_macro_f1(y_true, pred_b, n_classes, weights)
-        )
+    with progress(total=n_boot, desc="promote: paired bootstrap", unit="resample") as bar:
+        for start in range(0, n_boot, 200):  # chunks keep the (B, n) weight matrix small
+            b = min(200, n_boot - start)
+            idx = rng.integers(0, n, size=(b, n))
+            weights = np.zeros((b, n))
+            np.add.at(weights, (np.repeat(np.arange(b), n), idx.ravel()), 1.0)
+            diffs.append(
+                weighted_macro_f1(y_true, pred_a, n_classes, weights)
+                - weighted_macro_f1(y_true, pred_b, n_classes, weights)
+            )
+            bar.update(b)
     diffs = np.concatenate(diffs)
     alpha = (1 - confidence) / 2
     observed = macro_f1(y_true, pred_a) - macro_f1(y_true, pred_b)
@@ -183,7 +186,9 @@ def run_promote(
         if champion is None
         else label_ids(predicted_intents(champion, texts), labels, unknown=len(labels))
     )
-    latency = latency_ms(lambda text: challenger.predict([text]), texts, latency_calls, warmup_calls)
+    latency = latency_ms(
+        lambda text: challenger.predict([text]), texts, latency_calls, warmup_calls, "promote: latency"
+    )
     result = run_gate(y_true, challenger_pred, champion_pred, space, latency["p95_ms"], **gate)
     result["checks"]["latency"].update(p50_ms=latency["p50_ms"], calls=latency["calls"])
     result["checks"]["n_test"] = int(len(y_true))
@@ -282,4 +287,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    check_stage_args("promote", __doc__)  # --help, or exit 2 on any argument
     main()

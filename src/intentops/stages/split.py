@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from intentops.config import load_params
+from intentops.config import check_stage_args, load_params
 from intentops.data.readers import FEEDBACK_SPLIT, match_key
 from intentops.data.splits import SPLITS
 from intentops.errors import UserError, cli_entry
@@ -185,4 +185,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    check_stage_args("split", __doc__)  # --help, or exit 2 on any argument
     main()

@@ -6,7 +6,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from intentops.config import load_params
+from intentops.config import check_stage_args, load_params
 from intentops.errors import cli_entry
 from intentops.io import atomic_path, write_metrics
 from intentops.training import train_from_config
@@ -38,4 +38,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    check_stage_args("train", __doc__)  # --help, or exit 2 on any argument
     main()

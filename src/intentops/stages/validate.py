@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from intentops.config import load_params
+from intentops.config import check_stage_args, load_params
 from intentops.data.readers import match_key
 from intentops.data.taxonomy import Taxonomy
 from intentops.errors import DataValidationError, cli_entry
@@ -431,4 +431,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    check_stage_args("validate", __doc__)  # --help, or exit 2 on any argument
     main()
