@@ -308,6 +308,59 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def new_store(db: Path) -> Path:
+    """An empty feedback store at `db` (SQLite, migrated to the head revision); returns `db`."""
+    from intentops.feedback import store
+
+    engine = store.make_engine(f"sqlite:///{db}")
+    try:
+        store.upgrade(engine)
+    finally:
+        engine.dispose()
+    return db
+
+
+@contextlib.contextmanager
+def serve_on_loopback() -> Iterator[str]:
+    """Ray (2 CPUs, no dashboard) and Serve's proxy on a free loopback port, one per test module: yields the
+    origin URL, then shuts Serve and Ray down."""
+    import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def deploy_intent_service(
+    user_config: dict,
+    app: str = "intentops",
+    route_prefix: str = "/",
+    env: dict[str, str] | None = None,
+    deployment: str = "IntentService",
+    num_cpus: float = 1,
+) -> None:
+    """Deploy IntentService as Serve app `app` (or reconfigure it in place: Serve applies a changed user_config
+    without a restart), its routes on the replica's own event loop as serving/config.yaml deploys it."""
+    from ray import serve
+
+    from intentops.api.service import IntentService
+
+    env_vars = {"INTENTOPS_ROOT": str(ROOT), "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", **(env or {})}
+    service = IntentService.options(
+        name=deployment,
+        user_config=user_config,
+        ray_actor_options={"num_cpus": num_cpus, "runtime_env": {"env_vars": env_vars}},
+        logging_config={"encoding": "JSON", "enable_access_log": False},
+    )
+    serve.run(service.bind(), name=app, route_prefix=route_prefix)
+
+
 @contextlib.contextmanager
 def moto_s3(bucket: str = "intentops", host: str = "127.0.0.1", port: int | None = None) -> Iterator[str]:
     """A real S3-compatible server (moto in server mode) with one bucket; yields its URL, stops it afterwards."""

@@ -24,7 +24,7 @@ from intentops.config import compose
 from intentops.errors import UserError
 from intentops.feedback import audit, ledger, store
 from intentops.feedback.label import main_export
-from support import ROOT, free_port, write_tiny_onnx_bundle
+from support import ROOT, deploy_intent_service, new_store, serve_on_loopback, write_tiny_onnx_bundle
 
 LABELS = ["card_arrival", "lost_or_stolen_card", "exchange_rate", "top_up_failed", "pin_blocked"]
 KEYS = {"alice": "key-of-alice", "bob": "key-of-bob"}
@@ -50,17 +50,9 @@ def project_params(work: Path, db: Path, *overrides: str):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(base url, work dir, deploy(user_config overrides)) of the app with two named keys and one plain key."""
-    import ray
-    from ray import serve
-
-    from intentops.api.service import IntentService
-
     work = tmp_path_factory.mktemp("corrections")
     write_tiny_onnx_bundle(work / "bundle", LABELS, confident=False)
-    db = work / "queue.db"
-    eng = store.make_engine(f"sqlite:///{db}")
-    store.upgrade(eng)
-    eng.dispose()
+    db = new_store(work / "queue.db")
     base_config = {
         "bundle": str(work / "bundle"),
         "watch_interval_s": 0,
@@ -68,29 +60,14 @@ def served(tmp_path_factory):
         "store": {"record_predictions": True, "db": str(db), "flush_s": 0.05},
         "monitoring": {"enabled": False},
     }
-    env = {
-        "INTENTOPS_API_KEY": f"alice={KEYS['alice']}, bob={KEYS['bob']}, plain-old-key",
-        "INTENTOPS_ROOT": str(ROOT),
-        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    }
+    keys = {"INTENTOPS_API_KEY": f"alice={KEYS['alice']}, bob={KEYS['bob']}, plain-old-key"}
 
     def deploy(**overrides) -> None:  # a changed user_config is applied in place (reconfigure)
-        service = IntentService.options(
-            user_config={**base_config, **overrides},
-            ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": env}},
-            logging_config={"encoding": "JSON", "enable_access_log": False},
-        )
-        serve.run(service.bind(), name="intentops", route_prefix="/")
+        deploy_intent_service({**base_config, **overrides}, env=keys)
 
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with serve_on_loopback() as url:
         deploy()
-        yield f"http://127.0.0.1:{port}", work, deploy
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        yield url, work, deploy
 
 
 def predict_ids(client, texts: list[str], headers=ALICE) -> list[dict]:

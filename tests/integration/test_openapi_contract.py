@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from support import ROOT, free_port, write_tiny_onnx_bundle
+from support import deploy_intent_service, new_store, serve_on_loopback, write_tiny_onnx_bundle
+
+pytestmark = pytest.mark.slow  # Ray, two Serve apps and ~800 schemathesis cases: ~50 s
 
 KEY = "contract-key-1"
 AUTH = {"X-API-Key": KEY}
@@ -60,46 +62,23 @@ def app_config(bundle: Path, work: Path) -> dict:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(origin url, work dir) of Serve running `api` at /api (with a model card) and `plain` at /plain."""
-    import ray
-    from ray import serve
-
-    from intentops.api.service import IntentService
-    from intentops.feedback import store
-
     work = tmp_path_factory.mktemp("contract")
     apps = {
         "api": tiny_bundle(work / "api", CARD_MD),
         "plain": tiny_bundle(work / "plain", None),
     }
     for bundle in apps.values():
-        engine = store.make_engine(f"sqlite:///{work / bundle.name}.db")
-        store.upgrade(engine)
-        engine.dispose()
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        new_store(work / f"{bundle.name}.db")
+    with serve_on_loopback() as url:
         for name, bundle in apps.items():
-            service = IntentService.options(
-                name=f"IntentService_{name}",
-                user_config=app_config(bundle, work),
-                ray_actor_options={
-                    "num_cpus": 1,
-                    "runtime_env": {
-                        "env_vars": {
-                            "INTENTOPS_API_KEY": KEY,
-                            "INTENTOPS_ROOT": str(ROOT),
-                            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-                        }
-                    },
-                },
-                logging_config={"encoding": "JSON", "enable_access_log": False},
+            deploy_intent_service(
+                app_config(bundle, work),
+                app=name,
+                route_prefix=f"/{name}",
+                env={"INTENTOPS_API_KEY": KEY},
+                deployment=f"IntentService_{name}",
             )
-            serve.run(service.bind(), name=name, route_prefix=f"/{name}")
-        yield f"http://127.0.0.1:{port}", work
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        yield url, work
 
 
 def test_the_document_says_what_the_server_enforces(client):

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from support import ROOT, free_port, write_tiny_onnx_bundle
+from support import deploy_intent_service, new_store, serve_on_loopback, write_tiny_onnx_bundle
 
 KEY = "test-key-123"
 AUTH = {"X-API-Key": KEY}
@@ -35,11 +35,6 @@ def write_tiny_bundle(dest: Path, confident: bool) -> str:
 def served(tmp_path_factory):
     """(base url, work dir, {"v1": version, "v2": version}) of the app serving registry version v1, with the API
     key required."""
-    import ray
-    from ray import serve
-
-    from intentops.api.service import IntentService
-    from intentops.feedback import store
     from intentops.inference.registry import Registry
 
     work = tmp_path_factory.mktemp("serving")
@@ -49,10 +44,7 @@ def served(tmp_path_factory):
         bundles[name] = write_tiny_bundle(work / "bundles" / name, confident)
         Registry.at(registry).add(work / "bundles" / name, bundles[name])
     (registry / "production").write_text(bundles["v1"] + "\n")
-    db = work / "queue.db"
-    engine = store.make_engine(f"sqlite:///{db}")
-    store.upgrade(engine)
-    engine.dispose()
+    db = new_store(work / "queue.db")
     (work / "vocab.json").write_text(json.dumps({"min_count": 1, "tokens": ["my", "card", "lost"]}))
 
     user_config = {
@@ -74,30 +66,9 @@ def served(tmp_path_factory):
             "flush_s": 0.3,
         },
     }
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        service = IntentService.options(
-            user_config=user_config,
-            ray_actor_options={
-                "num_cpus": 1,
-                "runtime_env": {
-                    "env_vars": {
-                        "INTENTOPS_API_KEY": KEY,
-                        "INTENTOPS_ROOT": str(ROOT),
-                        # as serving/config.yaml deploys it: the routes on the replica's own event loop
-                        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-                    }
-                },
-            },
-            logging_config={"encoding": "JSON", "enable_access_log": False},
-        )
-        serve.run(service.bind(), name="intentops", route_prefix="/")
-        yield f"http://127.0.0.1:{port}", work, bundles
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with serve_on_loopback() as url:
+        deploy_intent_service(user_config, env={"INTENTOPS_API_KEY": KEY})
+        yield url, work, bundles
 
 
 def predict(client, body, headers=AUTH):
@@ -447,18 +418,10 @@ def oos_app(served, tmp_path_factory):
 
 
 def deploy_oos(user_config: dict) -> None:
-    """Deploy (or reconfigure in place: Serve applies a changed user_config without a restart) the oos app."""
-    from ray import serve
-
-    from intentops.api.service import IntentService
-
-    service = IntentService.options(
-        name="IntentServiceOOS",
-        user_config=user_config,
-        ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {"INTENTOPS_ROOT": str(ROOT)}}},
-        logging_config={"encoding": "JSON", "enable_access_log": False},
+    """Deploy (or reconfigure in place) the oos app beside the module's app."""
+    deploy_intent_service(
+        user_config, app="oos", route_prefix="/oos", deployment="IntentServiceOOS", num_cpus=0.5
     )
-    serve.run(service.bind(), name="oos", route_prefix="/oos")
 
 
 def test_out_of_scope_queries_are_flagged_with_a_reason_and_queued(oos_app):

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from support import ROOT, free_port, write_tiny_onnx_bundle
+from support import deploy_intent_service, new_store, serve_on_loopback, write_tiny_onnx_bundle
 
 pytestmark = pytest.mark.slow  # a Ray cluster and a Serve app
 
@@ -46,30 +46,12 @@ def user_config(work: Path, shadow: dict) -> dict:
 
 def deploy(work: Path, shadow: dict) -> None:
     """Deploy (or reconfigure in place) the app with these shadow settings."""
-    from ray import serve
-
-    from intentops.api.service import IntentService
-
-    service = IntentService.options(
-        user_config=user_config(work, shadow),
-        ray_actor_options={
-            "num_cpus": 1,
-            "runtime_env": {
-                "env_vars": {"INTENTOPS_ROOT": str(ROOT), "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
-            },
-        },
-        logging_config={"encoding": "JSON", "enable_access_log": False},
-    )
-    serve.run(service.bind(), name="intentops", route_prefix="/")
+    deploy_intent_service(user_config(work, shadow))
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(client, work dir, {"v1", "v2"}): v1 in production, v2 the staged candidate, shadow at sample 1.0."""
-    import ray
-    from ray import serve
-
-    from intentops.feedback import store
     from intentops.inference.registry import Registry
 
     work = tmp_path_factory.mktemp("shadow")
@@ -80,19 +62,11 @@ def served(tmp_path_factory):
     registry.add(work / "bundles" / "v1", versions["v1"])
     registry.set_production(versions["v1"], "promote", "champion")
     registry.stage(work / "bundles" / "v2", versions["v2"], "challenger")
-    engine = store.make_engine(f"sqlite:///{work / 'queue.db'}")
-    store.upgrade(engine)
-    engine.dispose()
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    new_store(work / "queue.db")
+    with serve_on_loopback() as url:
         deploy(work, {})
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        with httpx.Client(base_url=url, timeout=30) as client:
             yield client, work, versions
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def shadow_rows(work: Path) -> dict[str, dict]:

@@ -17,7 +17,10 @@ import pytest
 
 from support import fixture_rows, make_project, run, to_csv
 
-# The whole pipeline on ~300 rows, 20 fold fits included: about 50 s on 2 quiet cores, so in the default run.
+# The whole pipeline on ~300 rows, 20 fold fits included: 50-90 s on 2 cores, so with the slow tests (CI runs
+# them); tests/data/test_expectations.py and the bad-input suite check the warnings and errors by default.
+pytestmark = pytest.mark.slow
+
 EMOJI = "\U0001f633"
 # The only overrides: no W&B, no progress bars (a log, not a terminal). Data settings stay the defaults.
 QUIET = ["logger=none", "trainer.enable_progress_bar=false"]

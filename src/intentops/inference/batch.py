@@ -20,6 +20,7 @@ from intentops.errors import UserError
 from intentops.inference.predictor import Predictor
 from intentops.inference.registry import Registry
 from intentops.io import atomic_path
+from intentops.timing import progress as progress_bar
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 # The fields of Predictor.predict, in the order the output gets them.
@@ -164,10 +165,8 @@ def predict_file(
     Args:
         predictor: the Predictor, or a function that loads it: called once the input has been read and checked,
             so that bad input is reported before the model loads.
-        progress: a tqdm bar of rows on stderr: None = only when stderr is a terminal, False = never.
+        progress: a bar of rows on stderr (`timing.progress`): None = only when stderr is a terminal, False = never.
     """
-    from tqdm import tqdm
-
     if batch_size < 1 or top_k < 1:
         raise UserError(
             f"--batch-size and --top-k must be at least 1 (got {batch_size}, {top_k})",
@@ -180,8 +179,7 @@ def predict_file(
     names = output_names(frame, prefix, str(src))
     if not isinstance(predictor, Predictor):
         predictor = predictor()
-    disable = None if progress is None else not progress
-    with tqdm(total=len(texts), unit="row", desc="predict", disable=disable) as bar:
+    with progress_bar(total=len(texts), desc="predict", unit="row", show=progress) as bar:
         columns = predict_columns(predictor, texts, batch_size, top_k, on_batch=bar.update)
     write_table(with_predictions(frame, columns, names, out_fmt), dest)
     return len(texts)
