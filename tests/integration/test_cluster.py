@@ -30,7 +30,7 @@ import pytest
 from integration.test_serving import AUTH, KEY, write_tiny_bundle
 from model import conftest as model_fixtures
 from model import test_sweep
-from support import ROOT, free_port, stop_processes
+from support import ROOT, free_port, new_store, stop_processes
 
 pytestmark = pytest.mark.slow
 
@@ -200,16 +200,13 @@ def test_serve_replaces_a_killed_replica_under_load(cluster, tmp_path):
     from ray import serve
 
     from intentops.api.service import IntentService
-    from intentops.feedback import store
     from intentops.inference.registry import Registry
 
     registry = tmp_path / "registry"
     version = write_tiny_bundle(tmp_path / "v1", confident=True)
     Registry.at(registry).add(tmp_path / "v1", version)
     (registry / "production").write_text(version + "\n")
-    engine = store.make_engine(f"sqlite:///{tmp_path / 'queue.db'}")
-    store.upgrade(engine)
-    engine.dispose()
+    new_store(tmp_path / "queue.db")
     user_config = {
         "bundle": "production",
         "registry": str(registry),
